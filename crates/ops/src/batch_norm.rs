@@ -1,0 +1,539 @@
+//! BatchNorm2d: fused training kernel (batch statistics, running-stat update) and the folded
+//! per-channel affine used in evaluation, with an optional fused ReLU / ReLU6.
+//!
+//! Parameter names follow PyTorch (`weight`, `bias`, `running_mean`, `running_var`) so timm and
+//! torchvision checkpoints load directly. The running variance is updated with the unbiased
+//! batch variance, as PyTorch does.
+
+use crate::cpu::f32_slice;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+/// Element-wise activation that may be fused after a convolution or normalization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    None,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)` (MobileNetV2).
+    Relu6,
+}
+
+impl Activation {
+    /// Applies the activation with candle ops (differentiable).
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::None => Ok(x.clone()),
+            Activation::Relu => x.relu(),
+            Activation::Relu6 => x.clamp(0f32, 6f32),
+        }
+    }
+
+    #[inline(always)]
+    fn scalar(self, v: f32) -> f32 {
+        match self {
+            Activation::None => v,
+            Activation::Relu => v.max(0.0),
+            Activation::Relu6 => v.clamp(0.0, 6.0),
+        }
+    }
+}
+
+/// Epsilon and momentum of a batch normalization layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormConfig {
+    /// Added to the variance before the square root.
+    pub eps: f64,
+    /// Weight of the new batch statistic in the running average (PyTorch convention:
+    /// `running = (1 - momentum) * running + momentum * batch`).
+    pub momentum: f64,
+}
+
+impl BatchNormConfig {
+    /// The official TF DeepLab Xception / MobileNetV2 setting: epsilon 1e-3, decay 0.9997.
+    pub fn tf_backbone() -> Self {
+        Self { eps: 1e-3, momentum: 3e-4 }
+    }
+
+    /// The official ResNet and ASPP / decoder setting: epsilon 1e-5, decay 0.9997.
+    pub fn tf_head() -> Self {
+        Self { eps: 1e-5, momentum: 3e-4 }
+    }
+
+    /// PyTorch's default: epsilon 1e-5, momentum 0.1.
+    pub fn torch() -> Self {
+        Self { eps: 1e-5, momentum: 0.1 }
+    }
+
+    /// The same config with another epsilon.
+    pub fn with_eps(self, eps: f64) -> Self {
+        Self { eps, ..self }
+    }
+
+    /// The same config with another momentum.
+    pub fn with_momentum(self, momentum: f64) -> Self {
+        Self { momentum, ..self }
+    }
+}
+
+#[inline(always)]
+fn sum_sq_dev(x: &[f32], mean: f32) -> (f64, f64) {
+    let mut s = [0f32; 16];
+    let mut q = [0f32; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for j in 0..16 {
+            let d = c[j] - mean;
+            s[j] += d;
+            q[j] = d.mul_add(d, q[j]);
+        }
+    }
+    let mut ss = 0f64;
+    let mut qq = 0f64;
+    for v in it.remainder() {
+        let d = v - mean;
+        ss += d as f64;
+        qq += (d * d) as f64;
+    }
+    ss += s.iter().map(|&v| v as f64).sum::<f64>();
+    qq += q.iter().map(|&v| v as f64).sum::<f64>();
+    (ss, qq)
+}
+
+/// Mean and biased variance of each channel of an NCHW buffer (shifted two-pass, f64 sums).
+fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f32)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let m = (n * hw) as f64;
+            // Shift by the first value for stability, then correct.
+            let shift = x[ch * hw];
+            let (mut s, mut q) = (0f64, 0f64);
+            for b in 0..n {
+                let p = &x[(b * c + ch) * hw..(b * c + ch + 1) * hw];
+                let (ps, pq) = multiversion!(|| sum_sq_dev(p, shift));
+                s += ps;
+                q += pq;
+            }
+            let mean_d = s / m;
+            let var = (q / m - mean_d * mean_d).max(0.0);
+            ((shift as f64 + mean_d) as f32, var as f32)
+        })
+        .collect()
+}
+
+/// Training forward on `(x, weight, bias)`; output `[y (N*C*H*W), mean (C), var (C)]` flat.
+struct BnTrainFwd {
+    eps: f64,
+}
+
+impl CustomOp3 for BnTrainFwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let hw = h * w;
+        let x = f32_slice(self.name(), xs, xl)?;
+        let g = f32_slice(self.name(), ws, wl)?;
+        let b = f32_slice(self.name(), bs, bl)?;
+        let stats = channel_stats(x, n, c, hw);
+        let total = n * c * hw;
+        let mut out = vec![0f32; total + 2 * c];
+        let (y, tail) = out.split_at_mut(total);
+        for (ch, (m, v)) in stats.iter().enumerate() {
+            tail[ch] = *m;
+            tail[c + ch] = *v;
+        }
+        let eps = self.eps;
+        y.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, yp)| {
+            let ch = plane % c;
+            let (m, v) = stats[ch];
+            let inv = (1.0 / (v as f64 + eps).sqrt()) as f32;
+            let scale = g[ch] * inv;
+            let shift = b[ch] - m * scale;
+            let xp = &x[plane * hw..(plane + 1) * hw];
+            multiversion!(|| {
+                for (o, v) in yp.iter_mut().zip(xp) {
+                    *o = v.mul_add(scale, shift);
+                }
+            })
+        });
+        Ok((CpuStorage::F32(out), Shape::from(total + 2 * c)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::bn_train_fwd(xs, xl, ws, wl, bs, bl, self.eps)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, wd) = x.dims4()?;
+        let total = n * c * h * wd;
+        let dy = grad.narrow(0, 0, total)?.reshape((n, c, h, wd))?.contiguous()?;
+        let params = Tensor::cat(&[w.to_dtype(DType::F32)?, res.narrow(0, total, 2 * c)?], 0)?;
+        let packed = x.apply_op3_no_bwd(&dy, &params, &BnTrainBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, total)?.reshape((n, c, h, wd))?;
+        let dg = packed.narrow(0, total, c)?;
+        let db = packed.narrow(0, total + c, c)?;
+        Ok((Some(dx), Some(dg), Some(db)))
+    }
+}
+
+/// Training backward on `(x, dy, [weight, mean, var])`; output `[dx, dweight, dbias]` flat.
+struct BnTrainBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for BnTrainBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let hw = h * w;
+        let x = f32_slice(self.name(), xs, xl)?;
+        let dy = f32_slice(self.name(), gs, gl)?;
+        let p = f32_slice(self.name(), ps, pl)?;
+        let (gamma, mean, var) = (&p[..c], &p[c..2 * c], &p[2 * c..3 * c]);
+        let m = (n * hw) as f64;
+        let eps = self.eps;
+        // Per channel: sum(dy) and sum(dy * xhat).
+        let sums: Vec<(f64, f64, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let inv = (1.0 / (var[ch] as f64 + eps).sqrt()) as f32;
+                let mu = mean[ch];
+                let (mut sd, mut sdx) = (0f64, 0f64);
+                for b in 0..n {
+                    let off = (b * c + ch) * hw;
+                    let (xp, gp) = (&x[off..off + hw], &dy[off..off + hw]);
+                    let (a, bb) = multiversion!(|| {
+                        let mut s1 = [0f32; 16];
+                        let mut s2 = [0f32; 16];
+                        let mut cx = xp.chunks_exact(16);
+                        let mut cg = gp.chunks_exact(16);
+                        for (vx, vg) in (&mut cx).zip(&mut cg) {
+                            for j in 0..16 {
+                                s1[j] += vg[j];
+                                s2[j] = vg[j].mul_add(vx[j] - mu, s2[j]);
+                            }
+                        }
+                        let mut a: f64 = s1.iter().map(|&v| v as f64).sum();
+                        let mut bb: f64 = s2.iter().map(|&v| v as f64).sum();
+                        for (vx, vg) in cx.remainder().iter().zip(cg.remainder()) {
+                            a += *vg as f64;
+                            bb += (*vg * (vx - mu)) as f64;
+                        }
+                        (a, bb)
+                    });
+                    sd += a;
+                    sdx += b_to(bb, inv);
+                }
+                (sd, sdx, inv)
+            })
+            .collect();
+        let total = n * c * hw;
+        let mut out = vec![0f32; total + 2 * c];
+        let (dx, tail) = out.split_at_mut(total);
+        for (ch, (sd, sdx, _)) in sums.iter().enumerate() {
+            tail[ch] = *sdx as f32;
+            tail[c + ch] = *sd as f32;
+        }
+        dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, dxp)| {
+            let ch = plane % c;
+            let (sd, sdx, inv) = sums[ch];
+            let k = gamma[ch] * inv;
+            let mean_dy = (sd / m) as f32;
+            let mean_dyx = (sdx / m) as f32;
+            let mu = mean[ch];
+            let off = plane * hw;
+            let (xp, gp) = (&x[off..off + hw], &dy[off..off + hw]);
+            multiversion!(|| {
+                for ((o, vx), vg) in dxp.iter_mut().zip(xp).zip(gp) {
+                    let xhat = (vx - mu) * inv;
+                    *o = k * (vg - mean_dy - xhat * mean_dyx);
+                }
+            })
+        });
+        Ok((CpuStorage::F32(out), Shape::from(total + 2 * c)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::bn_train_bwd(xs, xl, gs, gl, ps, pl, self.eps)
+    }
+}
+
+#[inline(always)]
+fn b_to(sum_dy_xc: f64, inv: f32) -> f64 {
+    sum_dy_xc * inv as f64
+}
+
+/// Training-mode batch normalization of an NCHW tensor with the fused kernel. Returns the
+/// normalized output and the batch mean and biased batch variance (`[C]` each, detached).
+pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, h, w) = x.dims4()?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        bail!("batch_norm: weight {:?} / bias {:?} do not fit input {:?}", weight.dims(), bias.dims(), x.dims())
+    }
+    if n * h * w < 2 {
+        bail!("batch_norm: training needs more than one value per channel, got input {:?}", x.dims())
+    }
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let packed = x32.apply_op3(
+        &weight.to_dtype(DType::F32)?.contiguous()?,
+        &bias.to_dtype(DType::F32)?.contiguous()?,
+        BnTrainFwd { eps },
+    )?;
+    let total = n * c * h * w;
+    let y = packed.narrow(0, 0, total)?.reshape((n, c, h, w))?.to_dtype(dtype)?;
+    let mean = packed.narrow(0, total, c)?.detach();
+    let var = packed.narrow(0, total + c, c)?.detach();
+    Ok((y, mean, var))
+}
+
+/// `act(x * scale[c] + shift[c])` over an NCHW tensor: the folded evaluation form of
+/// BatchNorm (and of a conv bias), one pass.
+struct ChannelAffine {
+    act: Activation,
+}
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let hw = h * w;
+        let x = f32_slice(self.name(), xs, xl)?;
+        let s = f32_slice(self.name(), ss, sl)?;
+        let b = f32_slice(self.name(), bs, bl)?;
+        let mut out = vec![0f32; n * c * hw];
+        let act = self.act;
+        out.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, o)| {
+            let ch = plane % c;
+            let (sc, sh) = (s[ch], b[ch]);
+            let xp = &x[plane * hw..(plane + 1) * hw];
+            multiversion!(|| match act {
+                Activation::None => o.iter_mut().zip(xp).for_each(|(o, v)| *o = v.mul_add(sc, sh)),
+                Activation::Relu => o.iter_mut().zip(xp).for_each(|(o, v)| *o = v.mul_add(sc, sh).max(0.0)),
+                Activation::Relu6 => o.iter_mut().zip(xp).for_each(|(o, v)| *o = Activation::Relu6.scalar(v.mul_add(sc, sh))),
+            })
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::channel_affine(xs, xl, ss, sl, bs, bl, self.act)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _shift: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = x.dim(1)?;
+        let g = match self.act {
+            Activation::None => grad.clone(),
+            Activation::Relu => (grad * res.gt(0f32)?.to_dtype(grad.dtype())?)?,
+            Activation::Relu6 => {
+                let m = (res.gt(0f32)?.to_dtype(grad.dtype())? * res.lt(6f32)?.to_dtype(grad.dtype())?)?;
+                (grad * m)?
+            }
+        };
+        let dx = g.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?;
+        let sum = |t: &Tensor| -> Result<Tensor> { t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3)?.flatten_all() };
+        let dscale = sum(&(&g * x)?)?;
+        let dshift = sum(&g)?;
+        Ok((Some(dx), Some(dscale), Some(dshift)))
+    }
+}
+
+/// `act(x * scale[c] + shift[c])` for an NCHW tensor in one pass, differentiable in all three
+/// inputs.
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Activation) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    if scale.dims() != [c] || shift.dims() != [c] {
+        bail!("channel_affine: scale {:?} / shift {:?} do not fit input {:?}", scale.dims(), shift.dims(), x.dims())
+    }
+    let dtype = x.dtype();
+    x.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op3(
+            &scale.to_dtype(DType::F32)?.contiguous()?,
+            &shift.to_dtype(DType::F32)?.contiguous()?,
+            ChannelAffine { act },
+        )?
+        .to_dtype(dtype)
+}
+
+/// 2-D batch normalization over the channels of an NCHW tensor.
+#[derive(Clone, Debug)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    config: BatchNormConfig,
+    act: Activation,
+}
+
+impl BatchNorm2d {
+    /// Loads `weight`, `bias`, `running_mean`, `running_var` (PyTorch names) for `channels`.
+    /// With a `VarMap`-backed builder the running statistics are shared with the map, so
+    /// training updates are saved with it.
+    pub fn new(channels: usize, config: BatchNormConfig, vb: VarBuilder) -> Result<Self> {
+        use candle_nn::Init;
+        if !(config.eps > 0.0) || !(0.0..=1.0).contains(&config.momentum) {
+            bail!("batch_norm: invalid config {config:?}")
+        }
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
+        Ok(Self {
+            weight,
+            bias,
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+            config,
+            act: Activation::None,
+        })
+    }
+
+    /// The same layer with an activation fused after it.
+    pub fn with_activation(mut self, act: Activation) -> Self {
+        self.act = act;
+        self
+    }
+
+    /// Number of channels.
+    pub fn channels(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    /// The layer's epsilon and momentum.
+    pub fn config(&self) -> BatchNormConfig {
+        self.config
+    }
+
+    /// The fused activation.
+    pub fn activation(&self) -> Activation {
+        self.act
+    }
+
+    /// The running mean.
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+
+    /// The running variance.
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+
+    /// The evaluation-mode per-channel `(scale, shift)`: `y = x * scale + shift`.
+    pub fn folded(&self) -> Result<(Tensor, Tensor)> {
+        let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?.sqrt()?.recip()?;
+        let scale = (self.weight.to_dtype(DType::F32)? * inv)?;
+        let shift = (self.bias.to_dtype(DType::F32)? - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
+        Ok((scale, shift))
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        let m = self.config.momentum;
+        let unbiased = (var * (count as f64 / (count as f64 - 1.0)))?;
+        let rm = self.running_mean.as_tensor();
+        let rv = self.running_var.as_tensor();
+        let new_mean = ((rm.to_dtype(DType::F32)? * (1.0 - m))? + (mean * m)?)?.to_dtype(rm.dtype())?;
+        let new_var = ((rv.to_dtype(DType::F32)? * (1.0 - m))? + (unbiased * m)?)?.to_dtype(rv.dtype())?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)
+    }
+}
+
+impl ModuleT for BatchNorm2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        if c != self.channels() {
+            bail!("batch_norm: {} channels, input {:?}", self.channels(), x.dims())
+        }
+        if train {
+            let (y, mean, var) = batch_norm_train(x, &self.weight, &self.bias, self.config.eps)?;
+            self.update_running(&mean, &var, n * h * w)?;
+            self.act.apply(&y)
+        } else {
+            let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?.sqrt()?.recip()?;
+            let scale = (self.weight.to_dtype(DType::F32)? * inv)?;
+            let shift = (self.bias.to_dtype(DType::F32)? - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
+            channel_affine(x, &scale, &shift, self.act)
+        }
+    }
+}

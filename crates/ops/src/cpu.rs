@@ -1,0 +1,71 @@
+//! Helpers shared by the CPU kernels: contiguous f32 views of storages and thread fan-out.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Result};
+
+/// The contiguous f32 slice a layout describes, or an error naming the op and the layout.
+pub(crate) fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => bail!("{op}: expected f32 storage, got {:?}", other.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{op}: input must be contiguous, got shape {:?} stride {:?}", l.dims(), l.stride()),
+    }
+}
+
+/// Number of worker threads the kernels split work across.
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Runs `f` with the best SIMD instruction set this CPU supports compiled in: the body is
+/// generic Rust that LLVM auto-vectorizes, instantiated once per target feature set and picked
+/// at run time (the binary itself targets baseline x86-64).
+macro_rules! multiversion {
+    ($body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn v512<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v256<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if $crate::cpu::has_avx512() {
+                // SAFETY: the CPU reports AVX-512F, AVX2 and FMA.
+                unsafe { v512($body) }
+            } else if $crate::cpu::has_avx2() {
+                // SAFETY: the CPU reports AVX2 and FMA.
+                unsafe { v256($body) }
+            } else {
+                ($body)()
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            ($body)()
+        }
+    }};
+}
+
+/// AVX-512F + AVX2 + FMA are available (and not disabled by `DEEPLAB_NO_AVX512`).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var_os("DEEPLAB_NO_AVX512").is_none()
+            && is_x86_feature_detected!("avx512f")
+            && has_avx2()
+    })
+}
+
+/// AVX2 + FMA are available.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}

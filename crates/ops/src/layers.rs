@@ -1,0 +1,211 @@
+//! Convolution layers built on this crate's ops, named like timm / PyTorch modules so their
+//! checkpoints load with no renaming: `Conv2d` (`weight`, `bias`), `DepthwiseConv2d`,
+//! `SeparableConv2d` (`conv_dw`, `bn_dw`, `conv_pw`, `bn_pw`, as timm's `xception_aligned`) and
+//! `ConvBnAct` (`conv`, `bn`).
+
+use crate::batch_norm::{Activation, BatchNorm2d, BatchNormConfig};
+use crate::geometry::Conv2dGeometry;
+use candle_core::{bail, Module, ModuleT, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// Kaiming-normal (fan-out, ReLU gain) initialization, as torchvision and timm use for convs.
+fn kaiming(cout: usize, k: usize) -> Init {
+    let fan_out = (cout * k) as f64;
+    Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() }
+}
+
+/// A dense (or grouped) 2-D convolution `weight: [Cout, Cin / groups, kh, kw]`, optional `bias`.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    geom: Conv2dGeometry,
+    groups: usize,
+}
+
+impl Conv2d {
+    /// Loads (or initializes) a `cin -> cout` convolution with a square `k x k` kernel.
+    pub fn new(cin: usize, cout: usize, k: usize, geom: Conv2dGeometry, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Self::grouped(cin, cout, k, geom, 1, bias, vb)
+    }
+
+    /// A grouped convolution.
+    pub fn grouped(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        geom: Conv2dGeometry,
+        groups: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        geom.validate()?;
+        if groups == 0 || cin % groups != 0 || cout % groups != 0 {
+            bail!("conv2d: {cin} -> {cout} channels cannot be split into {groups} groups")
+        }
+        let weight = vb.get_with_hints((cout, cin / groups, k, k), "weight", kaiming(cout, k * k))?;
+        let bias = if bias { Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?) } else { None };
+        Ok(Self { weight, bias, geom, groups })
+    }
+
+    /// Builds from existing tensors.
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, geom: Conv2dGeometry) -> Self {
+        Self { weight, bias, geom, groups: 1 }
+    }
+
+    /// The weight `[Cout, Cin / groups, kh, kw]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Stride, dilation and padding.
+    pub fn geometry(&self) -> &Conv2dGeometry {
+        &self.geom
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::conv::conv2d(x, &self.weight, self.bias.as_ref(), &self.geom, self.groups)
+    }
+}
+
+/// A depthwise convolution `weight: [C, 1, kh, kw]` on the fast depthwise kernel.
+#[derive(Clone, Debug)]
+pub struct DepthwiseConv2d {
+    weight: Tensor,
+    geom: Conv2dGeometry,
+}
+
+impl DepthwiseConv2d {
+    /// Loads (or initializes) a `k x k` depthwise convolution over `channels`.
+    pub fn new(channels: usize, k: usize, geom: Conv2dGeometry, vb: VarBuilder) -> Result<Self> {
+        geom.validate()?;
+        let weight = vb.get_with_hints((channels, 1, k, k), "weight", kaiming(1, k * k))?;
+        Ok(Self { weight, geom })
+    }
+
+    /// The weight `[C, 1, kh, kw]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Stride, dilation and padding.
+    pub fn geometry(&self) -> &Conv2dGeometry {
+        &self.geom
+    }
+}
+
+impl Module for DepthwiseConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::depthwise::depthwise_conv2d(x, &self.weight, &self.geom)
+    }
+}
+
+/// Where a [`SeparableConv2d`] applies its activation. The official DeepLab uses all three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SeparableActivation {
+    /// ReLU on the input, none after the BatchNorms (Xception entry and middle flow,
+    /// `activation_fn_in_separable_conv=False`).
+    Input,
+    /// An activation after each BatchNorm (Xception exit block 2, ASPP and decoder).
+    AfterEach(Activation),
+    /// No activation anywhere.
+    None,
+}
+
+/// Hyper-parameters of a [`SeparableConv2d`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SeparableConv2dConfig {
+    /// Depthwise kernel size (square).
+    pub kernel: usize,
+    /// Stride, dilation and padding of the depthwise convolution.
+    pub geom: Conv2dGeometry,
+    /// Activation placement.
+    pub act: SeparableActivation,
+    /// BatchNorm epsilon and momentum of both BatchNorms.
+    pub bn: BatchNormConfig,
+}
+
+/// Depthwise conv -> BN -> (act) -> pointwise 1x1 conv -> BN -> (act), timm's names.
+#[derive(Clone, Debug)]
+pub struct SeparableConv2d {
+    conv_dw: DepthwiseConv2d,
+    bn_dw: BatchNorm2d,
+    conv_pw: Conv2d,
+    bn_pw: BatchNorm2d,
+    act: SeparableActivation,
+}
+
+impl SeparableConv2d {
+    /// Loads (or initializes) a `cin -> cout` separable convolution.
+    pub fn new(cin: usize, cout: usize, cfg: &SeparableConv2dConfig, vb: VarBuilder) -> Result<Self> {
+        let conv_dw = DepthwiseConv2d::new(cin, cfg.kernel, cfg.geom, vb.pp("conv_dw"))?;
+        let post = match cfg.act {
+            SeparableActivation::AfterEach(a) => a,
+            _ => Activation::None,
+        };
+        let bn_dw = BatchNorm2d::new(cin, cfg.bn, vb.pp("bn_dw"))?.with_activation(post);
+        let conv_pw = Conv2d::new(cin, cout, 1, Conv2dGeometry::default(), false, vb.pp("conv_pw"))?;
+        let bn_pw = BatchNorm2d::new(cout, cfg.bn, vb.pp("bn_pw"))?.with_activation(post);
+        Ok(Self { conv_dw, bn_dw, conv_pw, bn_pw, act: cfg.act })
+    }
+
+    /// Output of the depthwise BatchNorm (after its activation, if any) and of the whole layer.
+    /// Xception's decoder tap is the pointwise BN output of a specific layer.
+    pub fn forward_parts(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let x = match self.act {
+            SeparableActivation::Input => x.relu()?,
+            _ => x.clone(),
+        };
+        let d = self.bn_dw.forward_t(&self.conv_dw.forward(&x)?, train)?;
+        let p = self.bn_pw.forward_t(&self.conv_pw.forward(&d)?, train)?;
+        Ok((d, p))
+    }
+}
+
+impl ModuleT for SeparableConv2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_parts(x, train)?.1)
+    }
+}
+
+/// Conv -> BatchNorm -> activation, timm's `ConvNormAct` names (`conv`, `bn`).
+#[derive(Clone, Debug)]
+pub struct ConvBnAct {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+}
+
+impl ConvBnAct {
+    /// Loads (or initializes) a bias-free `cin -> cout` `k x k` convolution with BN and `act`.
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        geom: Conv2dGeometry,
+        bn: BatchNormConfig,
+        act: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let conv = Conv2d::new(cin, cout, k, geom, false, vb.pp("conv"))?;
+        let bn = BatchNorm2d::new(cout, bn, vb.pp("bn"))?.with_activation(act);
+        Ok(Self { conv, bn })
+    }
+
+    /// Builds from an existing conv and BN.
+    pub fn from_parts(conv: Conv2d, bn: BatchNorm2d) -> Self {
+        Self { conv, bn }
+    }
+}
+
+impl ModuleT for ConvBnAct {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(x)?, train)
+    }
+}

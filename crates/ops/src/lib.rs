@@ -1,0 +1,51 @@
+//! Kernels and layers for DeepLab on candle: atrous depthwise and separable convolution,
+//! bilinear resize, BatchNorm, cross-entropy with an ignore label and padded max-pooling,
+//! each forward and backward.
+//!
+//! Every op is one public function over a private candle custom op with a multi-threaded,
+//! vectorized CPU kernel (CUDA kernels behind the `cuda` feature). The [`reference`] module
+//! computes the same things with plain candle ops and is the oracle the tests compare against,
+//! for values and gradients.
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, ModuleT, Tensor};
+//! use candle_nn::VarBuilder;
+//! use deeplab_ops::{
+//!     BatchNormConfig, Conv2dGeometry, SeparableActivation, SeparableConv2d, SeparableConv2dConfig,
+//! };
+//! let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+//! let cfg = SeparableConv2dConfig {
+//!     kernel: 3,
+//!     geom: Conv2dGeometry::same(3, 6), // atrous rate 6
+//!     act: SeparableActivation::AfterEach(deeplab_ops::Activation::Relu),
+//!     bn: BatchNormConfig::tf_head(),
+//! };
+//! let conv = SeparableConv2d::new(32, 64, &cfg, vb)?;
+//! let x = Tensor::zeros((1, 32, 33, 33), DType::F32, &Device::Cpu)?;
+//! assert_eq!(conv.forward_t(&x, false)?.dims(), &[1, 64, 33, 33]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+#[macro_use]
+mod cpu;
+mod batch_norm;
+mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod depthwise;
+mod geometry;
+mod layers;
+mod loss;
+mod pool;
+pub mod reference;
+mod resize;
+
+pub use batch_norm::{batch_norm_train, channel_affine, Activation, BatchNorm2d, BatchNormConfig};
+pub use conv::conv2d;
+pub use depthwise::depthwise_conv2d;
+pub use geometry::{scale_dimension, Conv2dGeometry, Padding2d};
+pub use layers::{Conv2d, ConvBnAct, DepthwiseConv2d, SeparableActivation, SeparableConv2d, SeparableConv2dConfig};
+pub use loss::cross_entropy;
+pub use pool::max_pool2d;
+pub use resize::{resize_bilinear, ResizeMode};
