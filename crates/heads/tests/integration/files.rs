@@ -1,0 +1,243 @@
+//! Canonical weight files: the configuration travels in the metadata, saving is atomic, and
+//! every way a file can be wrong gives an error naming the file and the tensor.
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use deeplab_heads::weights::{read_config, save_varmap, save_weights, NamedTensor, CONFIG_KEY};
+use deeplab_heads::{DeepLabConfig, DeepLabModel, ModelError};
+use std::collections::HashMap;
+use std::path::Path;
+
+fn small_config() -> DeepLabConfig {
+    let mut c = DeepLabConfig::mobilenetv2_v3plus(4);
+    c.backbone = deeplab_backbones::BackboneConfig::from_name("mobilenetv2_050").expect("backbone");
+    c
+}
+
+/// A trained-like model in a VarMap, saved; returns the path and the VarMap's output on `x`.
+fn saved_model(dir: &Path, x: &Tensor) -> (std::path::PathBuf, Tensor) {
+    let cfg = small_config();
+    let vm = VarMap::new();
+    let model = DeepLabModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+        .expect("model");
+    // Non-trivial BatchNorm statistics: one training step updates them in the VarMap.
+    let xb = Tensor::cat(&[x, &x.flip(&[3]).expect("flip")], 0).expect("batch");
+    model.forward_t(&xb, true).expect("train forward");
+    let y = model.forward_t(x, false).expect("forward");
+    let path = dir.join("m.safetensors");
+    save_varmap(&path, &cfg, &vm).expect("save");
+    (path, y)
+}
+
+fn tensors_of(path: &Path) -> HashMap<String, Tensor> {
+    deeplab_heads::weights::read_weights(path, &Device::Cpu)
+        .expect("read")
+        .tensors
+}
+
+fn rewrite(path: &Path, cfg: &DeepLabConfig, t: &HashMap<String, Tensor>) {
+    let named: Vec<NamedTensor> = t
+        .iter()
+        .map(|(n, v)| NamedTensor::from_tensor(n, v).expect("named"))
+        .collect();
+    save_weights(path, cfg, &named).expect("save");
+}
+
+#[test]
+fn save_and_load_roundtrip_reproduces_the_outputs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 41, 37), &Device::Cpu).expect("x");
+    let (path, want) = saved_model(tmp.path(), &x);
+    assert_eq!(read_config(&path).expect("config"), small_config());
+    let model = DeepLabModel::load(&path, &Device::Cpu).expect("load");
+    assert_eq!(model.config(), &small_config());
+    let got = model.forward_t(&x, false).expect("forward");
+    let diff = (&got - &want)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0));
+    assert_eq!(diff.and_then(|d| d.to_scalar::<f32>()).expect("diff"), 0.0);
+    // No temporary files are left beside the output.
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("dir")
+        .map(|e| e.expect("e").file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn missing_misshaped_and_extra_tensors_are_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let x = Tensor::zeros((1, 3, 33, 33), DType::F32, &Device::Cpu).expect("x");
+    let (path, _) = saved_model(tmp.path(), &x);
+    let cfg = small_config();
+    let all = tensors_of(&path);
+
+    let mut t = all.clone();
+    t.remove("decoder.convs.1.bn_pw.running_var");
+    let p = tmp.path().join("missing.safetensors");
+    rewrite(&p, &cfg, &t);
+    let e = DeepLabModel::load(&p, &Device::Cpu).unwrap_err();
+    assert!(matches!(e, ModelError::MissingTensor { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("missing.safetensors") && msg.contains("decoder.convs.1.bn_pw.running_var"),
+        "{msg}"
+    );
+
+    let mut t = all.clone();
+    t.insert(
+        "classifier.weight".into(),
+        Tensor::zeros((5, 256, 1, 1), DType::F32, &Device::Cpu).expect("z"),
+    );
+    let p = tmp.path().join("shape.safetensors");
+    rewrite(&p, &cfg, &t);
+    let msg = DeepLabModel::load(&p, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("shape.safetensors")
+            && msg.contains("classifier.weight")
+            && msg.contains("[4, 256, 1, 1]"),
+        "{msg}"
+    );
+
+    let mut t = all.clone();
+    t.insert(
+        "aspp.convs.4.conv.weight".into(),
+        Tensor::zeros((1,), DType::F32, &Device::Cpu).expect("z"),
+    );
+    let p = tmp.path().join("extra.safetensors");
+    rewrite(&p, &cfg, &t);
+    let msg = DeepLabModel::load(&p, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("extra.safetensors") && msg.contains("aspp.convs.4.conv.weight"),
+        "{msg}"
+    );
+
+    // The weights of one architecture under the config of another: the first missing tensor.
+    let other = DeepLabConfig::mobilenetv2_v3(4);
+    let p = tmp.path().join("other.safetensors");
+    rewrite(&p, &other, &all);
+    let msg = DeepLabModel::load(&p, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("other.safetensors") && msg.contains("backbone."),
+        "{msg}"
+    );
+}
+
+#[test]
+fn broken_files_give_clear_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let x = Tensor::zeros((1, 3, 33, 33), DType::F32, &Device::Cpu).expect("x");
+    let (path, _) = saved_model(tmp.path(), &x);
+    let bytes = std::fs::read(&path).expect("bytes");
+
+    let p = tmp.path().join("nope.safetensors");
+    let msg = DeepLabModel::load(&p, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("nope.safetensors"), "{msg}");
+
+    let p = tmp.path().join("trunc.safetensors");
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).expect("write");
+    let msg = DeepLabModel::load(&p, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("trunc.safetensors"), "{msg}");
+
+    let p = tmp.path().join("garbage.safetensors");
+    std::fs::write(&p, b"not a safetensors file at all").expect("write");
+    let msg = DeepLabModel::load(&p, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("garbage.safetensors"), "{msg}");
+    assert!(read_config(&p).is_err());
+
+    // A plain safetensors file without the config.
+    let p = tmp.path().join("plain.safetensors");
+    let t = HashMap::from([(
+        "a".to_string(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).expect("z"),
+    )]);
+    candle_core::safetensors::save(&t, &p).expect("save");
+    let e = DeepLabModel::load(&p, &Device::Cpu).unwrap_err();
+    assert!(
+        matches!(e, ModelError::MissingConfig { .. }) && e.to_string().contains(CONFIG_KEY),
+        "{e}"
+    );
+    assert!(matches!(
+        read_config(&p),
+        Err(ModelError::MissingConfig { .. })
+    ));
+
+    // An invalid config in the metadata.
+    let mut cfg = small_config();
+    cfg.decoder.as_mut().expect("decoder").num_convs = 7;
+    let p = tmp.path().join("badcfg.safetensors");
+    save_weights(&p, &cfg, &[]).expect("save");
+    let msg = DeepLabModel::load(&p, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("badcfg.safetensors") && msg.contains("num_convs"),
+        "{msg}"
+    );
+
+    // Saving into a directory that does not exist fails and creates nothing.
+    let p = tmp.path().join("no_dir/x.safetensors");
+    let msg = save_weights(&p, &small_config(), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("x.safetensors"), "{msg}");
+}
+
+#[test]
+fn half_precision_files_load() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 33, 33), &Device::Cpu).expect("x");
+    let (path, _) = saved_model(tmp.path(), &x);
+    let f32_model = DeepLabModel::load(&path, &Device::Cpu).expect("load");
+    let t = tensors_of(&path);
+    let half: HashMap<String, Tensor> = t
+        .iter()
+        .map(|(n, v)| (n.clone(), v.to_dtype(DType::BF16).expect("bf16")))
+        .collect();
+    let p = tmp.path().join("bf16.safetensors");
+    let json = serde_json::to_string(&small_config()).expect("json");
+    let views: Vec<(String, Tensor)> = half.into_iter().collect();
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = views
+        .iter()
+        .map(|(n, v)| {
+            let vals: Vec<half::bf16> = v.flatten_all().and_then(|t| t.to_vec1()).expect("vals");
+            (
+                n.clone(),
+                vals.iter().flat_map(|b| b.to_le_bytes()).collect(),
+                v.dims().to_vec(),
+            )
+        })
+        .collect();
+    let st: Vec<(&str, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.as_str(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b)
+                    .expect("view"),
+            )
+        })
+        .collect();
+    let bytes =
+        safetensors::tensor::serialize(st, Some(HashMap::from([(CONFIG_KEY.to_string(), json)])))
+            .expect("ser");
+    std::fs::write(&p, bytes).expect("write");
+    let m = DeepLabModel::load(&p, &Device::Cpu).expect("load bf16");
+    let a = m.forward_t(&x, false).expect("a");
+    let b = f32_model.forward_t(&x, false).expect("b");
+    let e = crate::common::rel_err(&a, &b).expect("err");
+    assert!(e < 0.05, "bf16 weights give a relative error of {e}");
+}
