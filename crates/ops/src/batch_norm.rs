@@ -6,7 +6,9 @@
 //! batch variance, as PyTorch does.
 
 use crate::cpu::f32_slice;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var};
+use candle_core::{
+    bail, CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var,
+};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -55,17 +57,26 @@ pub struct BatchNormConfig {
 impl BatchNormConfig {
     /// The official TF DeepLab Xception / MobileNetV2 setting: epsilon 1e-3, decay 0.9997.
     pub fn tf_backbone() -> Self {
-        Self { eps: 1e-3, momentum: 3e-4 }
+        Self {
+            eps: 1e-3,
+            momentum: 3e-4,
+        }
     }
 
     /// The official ResNet and ASPP / decoder setting: epsilon 1e-5, decay 0.9997.
     pub fn tf_head() -> Self {
-        Self { eps: 1e-5, momentum: 3e-4 }
+        Self {
+            eps: 1e-5,
+            momentum: 3e-4,
+        }
     }
 
     /// PyTorch's default: epsilon 1e-5, momentum 0.1.
     pub fn torch() -> Self {
-        Self { eps: 1e-5, momentum: 0.1 }
+        Self {
+            eps: 1e-5,
+            momentum: 0.1,
+        }
     }
 
     /// The same config with another epsilon.
@@ -158,19 +169,21 @@ impl CustomOp3 for BnTrainFwd {
             tail[c + ch] = *v;
         }
         let eps = self.eps;
-        y.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, yp)| {
-            let ch = plane % c;
-            let (m, v) = stats[ch];
-            let inv = (1.0 / (v as f64 + eps).sqrt()) as f32;
-            let scale = g[ch] * inv;
-            let shift = b[ch] - m * scale;
-            let xp = &x[plane * hw..(plane + 1) * hw];
-            multiversion!(|| {
-                for (o, v) in yp.iter_mut().zip(xp) {
-                    *o = v.mul_add(scale, shift);
-                }
-            })
-        });
+        y.par_chunks_mut(hw.max(1))
+            .enumerate()
+            .for_each(|(plane, yp)| {
+                let ch = plane % c;
+                let (m, v) = stats[ch];
+                let inv = (1.0 / (v as f64 + eps).sqrt()) as f32;
+                let scale = g[ch] * inv;
+                let shift = b[ch] - m * scale;
+                let xp = &x[plane * hw..(plane + 1) * hw];
+                multiversion!(|| {
+                    for (o, v) in yp.iter_mut().zip(xp) {
+                        *o = v.mul_add(scale, shift);
+                    }
+                })
+            });
         Ok((CpuStorage::F32(out), Shape::from(total + 2 * c)))
     }
 
@@ -197,7 +210,10 @@ impl CustomOp3 for BnTrainFwd {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, wd) = x.dims4()?;
         let total = n * c * h * wd;
-        let dy = grad.narrow(0, 0, total)?.reshape((n, c, h, wd))?.contiguous()?;
+        let dy = grad
+            .narrow(0, 0, total)?
+            .reshape((n, c, h, wd))?
+            .contiguous()?;
         let params = Tensor::cat(&[w.to_dtype(DType::F32)?, res.narrow(0, total, 2 * c)?], 0)?;
         let packed = x.apply_op3_no_bwd(&dy, &params, &BnTrainBwd { eps: self.eps })?;
         let dx = packed.narrow(0, 0, total)?.reshape((n, c, h, wd))?;
@@ -276,22 +292,24 @@ impl CustomOp3 for BnTrainBwd {
             tail[ch] = *sdx as f32;
             tail[c + ch] = *sd as f32;
         }
-        dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, dxp)| {
-            let ch = plane % c;
-            let (sd, sdx, inv) = sums[ch];
-            let k = gamma[ch] * inv;
-            let mean_dy = (sd / m) as f32;
-            let mean_dyx = (sdx / m) as f32;
-            let mu = mean[ch];
-            let off = plane * hw;
-            let (xp, gp) = (&x[off..off + hw], &dy[off..off + hw]);
-            multiversion!(|| {
-                for ((o, vx), vg) in dxp.iter_mut().zip(xp).zip(gp) {
-                    let xhat = (vx - mu) * inv;
-                    *o = k * (vg - mean_dy - xhat * mean_dyx);
-                }
-            })
-        });
+        dx.par_chunks_mut(hw.max(1))
+            .enumerate()
+            .for_each(|(plane, dxp)| {
+                let ch = plane % c;
+                let (sd, sdx, inv) = sums[ch];
+                let k = gamma[ch] * inv;
+                let mean_dy = (sd / m) as f32;
+                let mean_dyx = (sdx / m) as f32;
+                let mu = mean[ch];
+                let off = plane * hw;
+                let (xp, gp) = (&x[off..off + hw], &dy[off..off + hw]);
+                multiversion!(|| {
+                    for ((o, vx), vg) in dxp.iter_mut().zip(xp).zip(gp) {
+                        let xhat = (vx - mu) * inv;
+                        *o = k * (vg - mean_dy - xhat * mean_dyx);
+                    }
+                })
+            });
         Ok((CpuStorage::F32(out), Shape::from(total + 2 * c)))
     }
 
@@ -316,13 +334,29 @@ fn b_to(sum_dy_xc: f64, inv: f32) -> f64 {
 
 /// Training-mode batch normalization of an NCHW tensor with the fused kernel. Returns the
 /// normalized output and the batch mean and biased batch variance (`[C]` each, detached).
-pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, c, h, w) = x.dims4()?;
     if weight.dims() != [c] || bias.dims() != [c] {
-        bail!("batch_norm: weight {:?} / bias {:?} do not fit input {:?}", weight.dims(), bias.dims(), x.dims())
+        bail!(
+            "batch_norm: weight {:?} / bias {:?} do not fit input {:?}",
+            weight.dims(),
+            bias.dims(),
+            x.dims()
+        )
     }
     if n * h * w < 2 {
-        bail!("batch_norm: training needs more than one value per channel, got input {:?}", x.dims())
+        bail!(
+            "batch_norm: training needs more than one value per channel, got input {:?}",
+            x.dims()
+        )
+    }
+    if !crate::cpu::has_kernel(x.device()) {
+        return crate::reference::batch_norm_train(x, weight, bias, eps);
     }
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
@@ -332,7 +366,10 @@ pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) ->
         BnTrainFwd { eps },
     )?;
     let total = n * c * h * w;
-    let y = packed.narrow(0, 0, total)?.reshape((n, c, h, w))?.to_dtype(dtype)?;
+    let y = packed
+        .narrow(0, 0, total)?
+        .reshape((n, c, h, w))?
+        .to_dtype(dtype)?;
     let mean = packed.narrow(0, total, c)?.detach();
     let var = packed.narrow(0, total + c, c)?.detach();
     Ok((y, mean, var))
@@ -365,16 +402,27 @@ impl CustomOp3 for ChannelAffine {
         let b = f32_slice(self.name(), bs, bl)?;
         let mut out = vec![0f32; n * c * hw];
         let act = self.act;
-        out.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, o)| {
-            let ch = plane % c;
-            let (sc, sh) = (s[ch], b[ch]);
-            let xp = &x[plane * hw..(plane + 1) * hw];
-            multiversion!(|| match act {
-                Activation::None => o.iter_mut().zip(xp).for_each(|(o, v)| *o = v.mul_add(sc, sh)),
-                Activation::Relu => o.iter_mut().zip(xp).for_each(|(o, v)| *o = v.mul_add(sc, sh).max(0.0)),
-                Activation::Relu6 => o.iter_mut().zip(xp).for_each(|(o, v)| *o = Activation::Relu6.scalar(v.mul_add(sc, sh))),
-            })
-        });
+        out.par_chunks_mut(hw.max(1))
+            .enumerate()
+            .for_each(|(plane, o)| {
+                let ch = plane % c;
+                let (sc, sh) = (s[ch], b[ch]);
+                let xp = &x[plane * hw..(plane + 1) * hw];
+                multiversion!(|| match act {
+                    Activation::None => o
+                        .iter_mut()
+                        .zip(xp)
+                        .for_each(|(o, v)| *o = v.mul_add(sc, sh)),
+                    Activation::Relu => o
+                        .iter_mut()
+                        .zip(xp)
+                        .for_each(|(o, v)| *o = v.mul_add(sc, sh).max(0.0)),
+                    Activation::Relu6 => o
+                        .iter_mut()
+                        .zip(xp)
+                        .for_each(|(o, v)| *o = Activation::Relu6.scalar(v.mul_add(sc, sh))),
+                })
+            });
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }
 
@@ -404,12 +452,18 @@ impl CustomOp3 for ChannelAffine {
             Activation::None => grad.clone(),
             Activation::Relu => (grad * res.gt(0f32)?.to_dtype(grad.dtype())?)?,
             Activation::Relu6 => {
-                let m = (res.gt(0f32)?.to_dtype(grad.dtype())? * res.lt(6f32)?.to_dtype(grad.dtype())?)?;
+                let m = (res.gt(0f32)?.to_dtype(grad.dtype())?
+                    * res.lt(6f32)?.to_dtype(grad.dtype())?)?;
                 (grad * m)?
             }
         };
         let dx = g.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?;
-        let sum = |t: &Tensor| -> Result<Tensor> { t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3)?.flatten_all() };
+        let sum = |t: &Tensor| -> Result<Tensor> {
+            t.sum_keepdim(0)?
+                .sum_keepdim(2)?
+                .sum_keepdim(3)?
+                .flatten_all()
+        };
         let dscale = sum(&(&g * x)?)?;
         let dshift = sum(&g)?;
         Ok((Some(dx), Some(dscale), Some(dshift)))
@@ -418,10 +472,26 @@ impl CustomOp3 for ChannelAffine {
 
 /// `act(x * scale[c] + shift[c])` for an NCHW tensor in one pass, differentiable in all three
 /// inputs.
-pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Activation) -> Result<Tensor> {
+pub fn channel_affine(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     if scale.dims() != [c] || shift.dims() != [c] {
-        bail!("channel_affine: scale {:?} / shift {:?} do not fit input {:?}", scale.dims(), shift.dims(), x.dims())
+        bail!(
+            "channel_affine: scale {:?} / shift {:?} do not fit input {:?}",
+            scale.dims(),
+            shift.dims(),
+            x.dims()
+        )
+    }
+    if !crate::cpu::has_kernel(x.device()) {
+        let y = x
+            .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+        return act.apply(&y);
     }
     let dtype = x.dtype();
     x.to_dtype(DType::F32)?
@@ -451,7 +521,7 @@ impl BatchNorm2d {
     /// training updates are saved with it.
     pub fn new(channels: usize, config: BatchNormConfig, vb: VarBuilder) -> Result<Self> {
         use candle_nn::Init;
-        if !(config.eps > 0.0) || !(0.0..=1.0).contains(&config.momentum) {
+        if config.eps.is_nan() || config.eps <= 0.0 || !(0.0..=1.0).contains(&config.momentum) {
             bail!("batch_norm: invalid config {config:?}")
         }
         let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
@@ -501,9 +571,12 @@ impl BatchNorm2d {
 
     /// The evaluation-mode per-channel `(scale, shift)`: `y = x * scale + shift`.
     pub fn folded(&self) -> Result<(Tensor, Tensor)> {
-        let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?.sqrt()?.recip()?;
+        let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?
+            .sqrt()?
+            .recip()?;
         let scale = (self.weight.to_dtype(DType::F32)? * inv)?;
-        let shift = (self.bias.to_dtype(DType::F32)? - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
+        let shift = (self.bias.to_dtype(DType::F32)?
+            - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
         Ok((scale, shift))
     }
 
@@ -512,8 +585,10 @@ impl BatchNorm2d {
         let unbiased = (var * (count as f64 / (count as f64 - 1.0)))?;
         let rm = self.running_mean.as_tensor();
         let rv = self.running_var.as_tensor();
-        let new_mean = ((rm.to_dtype(DType::F32)? * (1.0 - m))? + (mean * m)?)?.to_dtype(rm.dtype())?;
-        let new_var = ((rv.to_dtype(DType::F32)? * (1.0 - m))? + (unbiased * m)?)?.to_dtype(rv.dtype())?;
+        let new_mean =
+            ((rm.to_dtype(DType::F32)? * (1.0 - m))? + (mean * m)?)?.to_dtype(rm.dtype())?;
+        let new_var =
+            ((rv.to_dtype(DType::F32)? * (1.0 - m))? + (unbiased * m)?)?.to_dtype(rv.dtype())?;
         self.running_mean.set(&new_mean)?;
         self.running_var.set(&new_var)
     }
@@ -523,16 +598,23 @@ impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if c != self.channels() {
-            bail!("batch_norm: {} channels, input {:?}", self.channels(), x.dims())
+            bail!(
+                "batch_norm: {} channels, input {:?}",
+                self.channels(),
+                x.dims()
+            )
         }
         if train {
             let (y, mean, var) = batch_norm_train(x, &self.weight, &self.bias, self.config.eps)?;
             self.update_running(&mean, &var, n * h * w)?;
             self.act.apply(&y)
         } else {
-            let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?.sqrt()?.recip()?;
+            let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?
+                .sqrt()?
+                .recip()?;
             let scale = (self.weight.to_dtype(DType::F32)? * inv)?;
-            let shift = (self.bias.to_dtype(DType::F32)? - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
+            let shift = (self.bias.to_dtype(DType::F32)?
+                - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
             channel_affine(x, &scale, &shift, self.act)
         }
     }

@@ -12,21 +12,41 @@ use candle_core::{bail, Result, Tensor};
 
 /// 2-D convolution of an NCHW tensor with weights `[Cout, Cin / groups, kh, kw]`, optional bias
 /// `[Cout]`, and any [`Conv2dGeometry`] (equal strides and dilations on both axes).
-pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &Conv2dGeometry, groups: usize) -> Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    geom: &Conv2dGeometry,
+    groups: usize,
+) -> Result<Tensor> {
     let (n, cin, h, wd) = x.dims4()?;
     let (cout, cin_g, kh, kw) = w.dims4()?;
-    if groups == 0 || cin % groups != 0 || cout % groups != 0 || cin_g * groups != cin {
-        bail!("conv2d: weight {:?} with {groups} groups does not fit input {:?}", w.dims(), x.dims())
+    if groups == 0
+        || !cin.is_multiple_of(groups)
+        || !cout.is_multiple_of(groups)
+        || cin_g * groups != cin
+    {
+        bail!(
+            "conv2d: weight {:?} with {groups} groups does not fit input {:?}",
+            w.dims(),
+            x.dims()
+        )
     }
     if let Some(b) = bias {
         if b.dims() != [cout] {
-            bail!("conv2d: bias {:?} does not fit {cout} output channels", b.dims())
+            bail!(
+                "conv2d: bias {:?} does not fit {cout} output channels",
+                b.dims()
+            )
         }
     }
     let (ho, wo) = geom.output_size((h, wd), (kh, kw))?;
-    let y = if kh == 1 && kw == 1 && geom.stride == (1, 1) && geom.padding.is_zero() && groups == 1 {
+    let y = if kh == 1 && kw == 1 && geom.stride == (1, 1) && geom.padding.is_zero() && groups == 1
+    {
         let wm = w.reshape((cout, cin))?;
-        wm.broadcast_left(n)?.matmul(&x.reshape((n, cin, h * wd))?)?.reshape((n, cout, h, wd))?
+        wm.broadcast_left(n)?
+            .matmul(&x.reshape((n, cin, h * wd))?)?
+            .reshape((n, cout, h, wd))?
     } else {
         if geom.stride.0 != geom.stride.1 || geom.dilation.0 != geom.dilation.1 {
             bail!("conv2d: candle needs equal strides and dilations on both axes, got {geom:?}")

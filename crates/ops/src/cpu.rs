@@ -11,7 +11,11 @@ pub(crate) fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("{op}: input must be contiguous, got shape {:?} stride {:?}", l.dims(), l.stride()),
+        None => bail!(
+            "{op}: input must be contiguous, got shape {:?} stride {:?}",
+            l.dims(),
+            l.stride()
+        ),
     }
 }
 
@@ -68,4 +72,15 @@ pub(crate) fn has_avx512() -> bool {
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Whether this crate has a kernel for `device` (CPU always; CUDA with the `cuda` feature).
+/// Other devices (Metal) run the reference composition of candle ops.
+pub(crate) fn has_kernel(device: &candle_core::Device) -> bool {
+    match device {
+        candle_core::Device::Cpu => true,
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => true,
+        _ => false,
+    }
 }

@@ -9,7 +9,7 @@
 //!
 //! Weights use PyTorch's layout `[C, 1, kh, kw]` (channel multiplier 1).
 
-use crate::cpu::{f32_slice, threads};
+use crate::cpu::{f32_slice, has_kernel, threads};
 use crate::geometry::{Conv2dGeometry, Padding2d};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -82,7 +82,9 @@ impl Plan {
         buf.fill(0.0);
         let (lo, hi) = (self.pl, self.pl + self.w);
         for r in 0..self.hp {
-            let Some(iy) = r.checked_sub(self.pt).filter(|&y| y < self.h) else { continue };
+            let Some(iy) = r.checked_sub(self.pt).filter(|&y| y < self.h) else {
+                continue;
+            };
             let row = &src[iy * self.w..(iy + 1) * self.w];
             if self.sx == 1 {
                 let end = hi.min(self.wq);
@@ -107,7 +109,9 @@ impl Plan {
     #[inline(always)]
     fn unfill(&self, buf: &[f32], dst: &mut [f32]) {
         for r in 0..self.hp {
-            let Some(iy) = r.checked_sub(self.pt).filter(|&y| y < self.h) else { continue };
+            let Some(iy) = r.checked_sub(self.pt).filter(|&y| y < self.h) else {
+                continue;
+            };
             let row = &mut dst[iy * self.w..(iy + 1) * self.w];
             for ph in 0..self.sx {
                 let src = &buf[(r * self.sx + ph) * self.wq..(r * self.sx + ph + 1) * self.wq];
@@ -175,25 +179,30 @@ impl Plan {
     }
 
     /// Adds one plane's contribution to the weight gradient `dk` (`kh * kw` values, f64).
+    /// One pass over the plane per tap, accumulating in 16 f32 lanes, reduced once per plane.
     #[inline(always)]
     fn backward_weight(&self, buf: &[f32], g: &[f32], dk: &mut [f64]) {
         let wo = self.wo;
-        for (oy, grow) in g.chunks_exact(wo).enumerate() {
-            for ky in 0..self.kh {
-                for kx in 0..self.kw {
+        let body = wo / 16 * 16;
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                let mut acc = [0f32; 16];
+                let mut tail = 0f32;
+                for (oy, grow) in g.chunks_exact(wo).enumerate() {
                     let a = &buf[self.tap_offset(oy, ky, kx)..][..wo];
-                    let mut acc = [0f32; 16];
-                    let mut ca = a.chunks_exact(16);
-                    let mut cg = grow.chunks_exact(16);
-                    for (xa, xg) in (&mut ca).zip(&mut cg) {
+                    for (xa, xg) in a[..body]
+                        .chunks_exact(16)
+                        .zip(grow[..body].chunks_exact(16))
+                    {
                         for j in 0..16 {
                             acc[j] = xa[j].mul_add(xg[j], acc[j]);
                         }
                     }
-                    let mut s: f32 = ca.remainder().iter().zip(cg.remainder()).map(|(a, b)| a * b).sum();
-                    s += acc.iter().sum::<f32>();
-                    dk[ky * self.kw + kx] += s as f64;
+                    for (xa, xg) in a[body..].iter().zip(&grow[body..]) {
+                        tail = xa.mul_add(*xg, tail);
+                    }
                 }
+                dk[ky * self.kw + kx] += acc.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
             }
         }
     }
@@ -203,7 +212,11 @@ fn check_shapes(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, usize, u
     let (n, c, h, wd) = x.shape().dims4()?;
     let (cw, m, kh, kw) = w.shape().dims4()?;
     if cw != c || m != 1 {
-        bail!("depthwise_conv2d: weight {:?} does not fit input {:?} (expected [{c}, 1, kh, kw])", w.dims(), x.dims())
+        bail!(
+            "depthwise_conv2d: weight {:?} does not fit input {:?} (expected [{c}, 1, kh, kw])",
+            w.dims(),
+            x.dims()
+        )
     }
     Ok((n, c, h, wd, kh, kw))
 }
@@ -218,7 +231,13 @@ impl CustomOp2 for DwFwd {
         "depthwise-conv2d"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w, kh, kw) = check_shapes(xl, wl)?;
         let x = f32_slice(self.name(), xs, xl)?;
         let k = f32_slice(self.name(), ws, wl)?;
@@ -253,14 +272,25 @@ impl CustomOp2 for DwFwd {
         crate::cuda::depthwise_fwd(xs, xl, ws, wl, &self.geom, (p.ho, p.wo))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
         let g = &self.geom;
         let span = ((kh - 1) * g.dilation.0, (kw - 1) * g.dilation.1);
         let p = &g.padding;
-        let dx = if g.stride == (1, 1) && p.top <= span.0 && p.bottom <= span.0 && p.left <= span.1 && p.right <= span.1 {
+        let dx = if g.stride == (1, 1)
+            && p.top <= span.0
+            && p.bottom <= span.0
+            && p.left <= span.1
+            && p.right <= span.1
+        {
             // Stride 1: the input gradient is a depthwise convolution of the output gradient
             // with the flipped kernel, which runs on the fused forward kernel.
             let flip = |t: &Tensor, dim: usize, len: usize| -> Result<Tensor> {
@@ -280,9 +310,21 @@ impl CustomOp2 for DwFwd {
             };
             grad.apply_op2_no_bwd(&wf, &DwFwd { geom })?
         } else {
-            grad.apply_op2_no_bwd(&w.contiguous()?, &DwBwdInput { geom: *g, input: (h, wd) })?
+            grad.apply_op2_no_bwd(
+                &w.contiguous()?,
+                &DwBwdInput {
+                    geom: *g,
+                    input: (h, wd),
+                },
+            )?
         };
-        let dw = grad.apply_op2_no_bwd(&x.contiguous()?, &DwBwdWeight { geom: *g, kernel: (kh, kw) })?;
+        let dw = grad.apply_op2_no_bwd(
+            &x.contiguous()?,
+            &DwBwdWeight {
+                geom: *g,
+                kernel: (kh, kw),
+            },
+        )?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -298,7 +340,13 @@ impl CustomOp2 for DwBwdInput {
         "depthwise-conv2d-bwd-input"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, ho, wo) = gl.shape().dims4()?;
         let (_, _, kh, kw) = wl.shape().dims4()?;
         let g = f32_slice(self.name(), gs, gl)?;
@@ -306,7 +354,11 @@ impl CustomOp2 for DwBwdInput {
         let (h, w) = self.input;
         let p = Plan::new((h, w), (kh, kw), &self.geom)?;
         if (p.ho, p.wo) != (ho, wo) {
-            bail!("depthwise_conv2d backward: gradient {:?} does not match output {:?}", gl.dims(), (p.ho, p.wo))
+            bail!(
+                "depthwise_conv2d backward: gradient {:?} does not match output {:?}",
+                gl.dims(),
+                (p.ho, p.wo)
+            )
         }
         let mut out = vec![0f32; n * c * h * w];
         out.par_chunks_mut(h * w).enumerate().for_each_init(
@@ -347,7 +399,13 @@ impl CustomOp2 for DwBwdWeight {
         "depthwise-conv2d-bwd-weight"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = xl.shape().dims4()?;
         let (kh, kw) = self.kernel;
         let g = f32_slice(self.name(), gs, gl)?;
@@ -355,7 +413,11 @@ impl CustomOp2 for DwBwdWeight {
         let p = Plan::new((h, w), (kh, kw), &self.geom)?;
         let (ho, wo) = (p.ho, p.wo);
         if gl.dims() != [n, c, ho, wo] {
-            bail!("depthwise_conv2d backward: gradient {:?} does not match output {:?}", gl.dims(), (n, c, ho, wo))
+            bail!(
+                "depthwise_conv2d backward: gradient {:?} does not match output {:?}",
+                gl.dims(),
+                (n, c, ho, wo)
+            )
         }
         let kk = kh * kw;
         let mut out = vec![0f32; c * kk];
@@ -413,9 +475,14 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: &Conv2dGeometry) -> Result
     let (_, _, h, wd) = x.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
     geom.output_size((h, wd), (kh, kw))?;
+    if !has_kernel(x.device()) {
+        return crate::reference::depthwise_conv2d(x, w, geom);
+    }
     let op = DwFwd { geom: *geom };
     match x.dtype() {
-        DType::F32 => x.contiguous()?.apply_op2(&w.to_dtype(DType::F32)?.contiguous()?, op),
+        DType::F32 => x
+            .contiguous()?
+            .apply_op2(&w.to_dtype(DType::F32)?.contiguous()?, op),
         DType::F16 | DType::BF16 | DType::F64 => {
             let y = x
                 .to_dtype(DType::F32)?

@@ -22,16 +22,31 @@ pub struct Padding2d {
 
 impl Padding2d {
     /// No padding (TensorFlow `VALID`).
-    pub const ZERO: Padding2d = Padding2d { top: 0, bottom: 0, left: 0, right: 0 };
+    pub const ZERO: Padding2d = Padding2d {
+        top: 0,
+        bottom: 0,
+        left: 0,
+        right: 0,
+    };
 
     /// The same amount on every side.
     pub fn uniform(p: usize) -> Self {
-        Self { top: p, bottom: p, left: p, right: p }
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
     }
 
     /// Symmetric padding with separate vertical and horizontal amounts.
     pub fn symmetric(ph: usize, pw: usize) -> Self {
-        Self { top: ph, bottom: ph, left: pw, right: pw }
+        Self {
+            top: ph,
+            bottom: ph,
+            left: pw,
+            right: pw,
+        }
     }
 
     /// TensorFlow DeepLab's `fixed_padding`: pads `k_eff - 1` in total, `floor` of half before
@@ -41,7 +56,12 @@ impl Padding2d {
     pub fn fixed(kernel: (usize, usize), dilation: (usize, usize)) -> Self {
         let total = |k: usize, d: usize| (k - 1) * d;
         let (th, tw) = (total(kernel.0, dilation.0), total(kernel.1, dilation.1));
-        Self { top: th / 2, bottom: th - th / 2, left: tw / 2, right: tw - tw / 2 }
+        Self {
+            top: th / 2,
+            bottom: th - th / 2,
+            left: tw / 2,
+            right: tw - tw / 2,
+        }
     }
 
     /// `true` when top == bottom and left == right.
@@ -68,7 +88,11 @@ pub struct Conv2dGeometry {
 
 impl Default for Conv2dGeometry {
     fn default() -> Self {
-        Self { stride: (1, 1), dilation: (1, 1), padding: Padding2d::ZERO }
+        Self {
+            stride: (1, 1),
+            dilation: (1, 1),
+            padding: Padding2d::ZERO,
+        }
     }
 }
 
@@ -98,13 +122,20 @@ impl Conv2dGeometry {
             bail!("convolution stride must be positive, got {:?}", self.stride)
         }
         if self.dilation.0 == 0 || self.dilation.1 == 0 {
-            bail!("convolution dilation must be positive, got {:?}", self.dilation)
+            bail!(
+                "convolution dilation must be positive, got {:?}",
+                self.dilation
+            )
         }
         Ok(())
     }
 
     /// Output spatial size for an input of `(h, w)` and a `(kh, kw)` window.
-    pub fn output_size(&self, input: (usize, usize), kernel: (usize, usize)) -> Result<(usize, usize)> {
+    pub fn output_size(
+        &self,
+        input: (usize, usize),
+        kernel: (usize, usize),
+    ) -> Result<(usize, usize)> {
         self.validate()?;
         let one = |i: usize, k: usize, s: usize, d: usize, pb: usize, pa: usize, axis: &str| {
             let padded = i + pb + pa;
@@ -118,8 +149,24 @@ impl Conv2dGeometry {
         };
         let p = &self.padding;
         Ok((
-            one(input.0, kernel.0, self.stride.0, self.dilation.0, p.top, p.bottom, "height")?,
-            one(input.1, kernel.1, self.stride.1, self.dilation.1, p.left, p.right, "width")?,
+            one(
+                input.0,
+                kernel.0,
+                self.stride.0,
+                self.dilation.0,
+                p.top,
+                p.bottom,
+                "height",
+            )?,
+            one(
+                input.1,
+                kernel.1,
+                self.stride.1,
+                self.dilation.1,
+                p.left,
+                p.right,
+                "width",
+            )?,
         ))
     }
 }
@@ -149,8 +196,13 @@ mod tests {
         let g = Conv2dGeometry::deeplab(3, 2, 1);
         assert_eq!(g.output_size((513, 513), (3, 3))?, (257, 257));
         assert_eq!(g.output_size((10, 9), (3, 3))?, (5, 5));
-        assert_eq!(Conv2dGeometry::same(3, 12).output_size((33, 33), (3, 3))?, (33, 33));
-        assert!(Conv2dGeometry::default().output_size((2, 2), (3, 3)).is_err());
+        assert_eq!(
+            Conv2dGeometry::same(3, 12).output_size((33, 33), (3, 3))?,
+            (33, 33)
+        );
+        assert!(Conv2dGeometry::default()
+            .output_size((2, 2), (3, 3))
+            .is_err());
         Ok(())
     }
 

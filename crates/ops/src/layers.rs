@@ -5,13 +5,17 @@
 
 use crate::batch_norm::{Activation, BatchNorm2d, BatchNormConfig};
 use crate::geometry::Conv2dGeometry;
+use crate::macs::MacCounter;
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// Kaiming-normal (fan-out, ReLU gain) initialization, as torchvision and timm use for convs.
 fn kaiming(cout: usize, k: usize) -> Init {
     let fan_out = (cout * k) as f64;
-    Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() }
+    Init::Randn {
+        mean: 0.0,
+        stdev: (2.0 / fan_out).sqrt(),
+    }
 }
 
 /// A dense (or grouped) 2-D convolution `weight: [Cout, Cin / groups, kh, kw]`, optional `bias`.
@@ -25,7 +29,14 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Loads (or initializes) a `cin -> cout` convolution with a square `k x k` kernel.
-    pub fn new(cin: usize, cout: usize, k: usize, geom: Conv2dGeometry, bias: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        geom: Conv2dGeometry,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Self::grouped(cin, cout, k, geom, 1, bias, vb)
     }
 
@@ -40,17 +51,32 @@ impl Conv2d {
         vb: VarBuilder,
     ) -> Result<Self> {
         geom.validate()?;
-        if groups == 0 || cin % groups != 0 || cout % groups != 0 {
+        if groups == 0 || !cin.is_multiple_of(groups) || !cout.is_multiple_of(groups) {
             bail!("conv2d: {cin} -> {cout} channels cannot be split into {groups} groups")
         }
-        let weight = vb.get_with_hints((cout, cin / groups, k, k), "weight", kaiming(cout, k * k))?;
-        let bias = if bias { Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Self { weight, bias, geom, groups })
+        let weight =
+            vb.get_with_hints((cout, cin / groups, k, k), "weight", kaiming(cout, k * k))?;
+        let bias = if bias {
+            Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            geom,
+            groups,
+        })
     }
 
     /// Builds from existing tensors.
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, geom: Conv2dGeometry) -> Self {
-        Self { weight, bias, geom, groups: 1 }
+        Self {
+            weight,
+            bias,
+            geom,
+            groups: 1,
+        }
     }
 
     /// The weight `[Cout, Cin / groups, kh, kw]`.
@@ -66,6 +92,14 @@ impl Conv2d {
     /// Stride, dilation and padding.
     pub fn geometry(&self) -> &Conv2dGeometry {
         &self.geom
+    }
+
+    /// Counts this layer's multiply-adds for an `input` map; returns the output size.
+    pub fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
+        let (cout, cin_g, kh, kw) = self.weight.dims4()?;
+        let out = self.geom.output_size(input, (kh, kw))?;
+        c.conv(out, (kh, kw), cin_g, cout, self.geom.dilation);
+        Ok(out)
     }
 }
 
@@ -98,6 +132,14 @@ impl DepthwiseConv2d {
     /// Stride, dilation and padding.
     pub fn geometry(&self) -> &Conv2dGeometry {
         &self.geom
+    }
+
+    /// Counts this layer's multiply-adds for an `input` map; returns the output size.
+    pub fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
+        let (ch, _, kh, kw) = self.weight.dims4()?;
+        let out = self.geom.output_size(input, (kh, kw))?;
+        c.conv(out, (kh, kw), 1, ch, self.geom.dilation);
+        Ok(out)
     }
 }
 
@@ -144,16 +186,34 @@ pub struct SeparableConv2d {
 
 impl SeparableConv2d {
     /// Loads (or initializes) a `cin -> cout` separable convolution.
-    pub fn new(cin: usize, cout: usize, cfg: &SeparableConv2dConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        cfg: &SeparableConv2dConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let conv_dw = DepthwiseConv2d::new(cin, cfg.kernel, cfg.geom, vb.pp("conv_dw"))?;
         let post = match cfg.act {
             SeparableActivation::AfterEach(a) => a,
             _ => Activation::None,
         };
         let bn_dw = BatchNorm2d::new(cin, cfg.bn, vb.pp("bn_dw"))?.with_activation(post);
-        let conv_pw = Conv2d::new(cin, cout, 1, Conv2dGeometry::default(), false, vb.pp("conv_pw"))?;
+        let conv_pw = Conv2d::new(
+            cin,
+            cout,
+            1,
+            Conv2dGeometry::default(),
+            false,
+            vb.pp("conv_pw"),
+        )?;
         let bn_pw = BatchNorm2d::new(cout, cfg.bn, vb.pp("bn_pw"))?.with_activation(post);
-        Ok(Self { conv_dw, bn_dw, conv_pw, bn_pw, act: cfg.act })
+        Ok(Self {
+            conv_dw,
+            bn_dw,
+            conv_pw,
+            bn_pw,
+            act: cfg.act,
+        })
     }
 
     /// Output of the depthwise BatchNorm (after its activation, if any) and of the whole layer.
@@ -166,6 +226,12 @@ impl SeparableConv2d {
         let d = self.bn_dw.forward_t(&self.conv_dw.forward(&x)?, train)?;
         let p = self.bn_pw.forward_t(&self.conv_pw.forward(&d)?, train)?;
         Ok((d, p))
+    }
+
+    /// Counts this layer's multiply-adds for an `input` map; returns the output size.
+    pub fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
+        let out = self.conv_dw.count(input, c)?;
+        self.conv_pw.count(out, c)
     }
 }
 
@@ -201,6 +267,11 @@ impl ConvBnAct {
     /// Builds from an existing conv and BN.
     pub fn from_parts(conv: Conv2d, bn: BatchNorm2d) -> Self {
         Self { conv, bn }
+    }
+
+    /// Counts this layer's multiply-adds for an `input` map; returns the output size.
+    pub fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
+        self.conv.count(input, c)
     }
 }
 

@@ -37,6 +37,7 @@ mod depthwise;
 mod geometry;
 mod layers;
 mod loss;
+mod macs;
 mod pool;
 pub mod reference;
 mod resize;
@@ -45,7 +46,10 @@ pub use batch_norm::{batch_norm_train, channel_affine, Activation, BatchNorm2d, 
 pub use conv::conv2d;
 pub use depthwise::depthwise_conv2d;
 pub use geometry::{scale_dimension, Conv2dGeometry, Padding2d};
-pub use layers::{Conv2d, ConvBnAct, DepthwiseConv2d, SeparableActivation, SeparableConv2d, SeparableConv2dConfig};
+pub use layers::{
+    Conv2d, ConvBnAct, DepthwiseConv2d, SeparableActivation, SeparableConv2d, SeparableConv2dConfig,
+};
 pub use loss::cross_entropy;
+pub use macs::MacCounter;
 pub use pool::max_pool2d;
 pub use resize::{resize_bilinear, ResizeMode};

@@ -21,6 +21,7 @@ fn labels_u32<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> 
 /// Per tile of pixels of one image: the loss sum, the count of kept pixels, and (when `grad`
 /// is given) the gradient `softmax - onehot` written for kept pixels.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn tile(
     logits: &[f32],
     labels: &[u32],
@@ -89,31 +90,63 @@ impl CustomOp2 for CrossEntropy {
         "cross-entropy"
     }
 
-    fn cpu_fwd(&self, ls: &CpuStorage, ll: &Layout, ys: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = ll.shape().dims4()?;
         let hw = h * w;
         let x = f32_slice(self.name(), ls, ll)?;
         let y = labels_u32(self.name(), ys, yl)?;
-        let tiles: Vec<(usize, usize)> =
-            (0..n).flat_map(|b| (0..hw).step_by(TILE).map(move |p| (b, p))).collect();
+        let tiles: Vec<(usize, usize)> = (0..n)
+            .flat_map(|b| (0..hw).step_by(TILE).map(move |p| (b, p)))
+            .collect();
         let parts: std::result::Result<Vec<(f64, usize)>, u32> = tiles
             .par_iter()
             .map(|&(b, p0)| {
                 let len = TILE.min(hw - p0);
-                tile(&x[b * c * hw..(b + 1) * c * hw], &y[b * hw..(b + 1) * hw], c, hw, p0, len, self.ignore, None)
+                tile(
+                    &x[b * c * hw..(b + 1) * c * hw],
+                    &y[b * hw..(b + 1) * hw],
+                    c,
+                    hw,
+                    p0,
+                    len,
+                    self.ignore,
+                    None,
+                )
             })
             .collect();
         let parts = match parts {
             Ok(p) => p,
-            Err(v) => bail!("cross_entropy: label {v} is not a class id (0..{c}) nor the ignore label {}", self.ignore),
+            Err(v) => bail!(
+                "cross_entropy: label {v} is not a class id (0..{c}) nor the ignore label {}",
+                self.ignore
+            ),
         };
-        let (loss, kept) = parts.iter().fold((0f64, 0usize), |a, b| (a.0 + b.0, a.1 + b.1));
+        let (loss, kept) = parts
+            .iter()
+            .fold((0f64, 0usize), |a, b| (a.0 + b.0, a.1 + b.1));
         let mean = if kept == 0 { 0.0 } else { loss / kept as f64 };
         Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
     }
 
-    fn bwd(&self, logits: &Tensor, labels: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = logits.apply_op2_no_bwd(labels, &CrossEntropyBwd { ignore: self.ignore })?;
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.apply_op2_no_bwd(
+            labels,
+            &CrossEntropyBwd {
+                ignore: self.ignore,
+            },
+        )?;
         Ok((Some(g.broadcast_mul(&grad.to_dtype(DType::F32)?)?), None))
     }
 }
@@ -127,7 +160,13 @@ impl CustomOp2 for CrossEntropyBwd {
         "cross-entropy-bwd"
     }
 
-    fn cpu_fwd(&self, ls: &CpuStorage, ll: &Layout, ys: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = ll.shape().dims4()?;
         let hw = h * w;
         let x = f32_slice(self.name(), ls, ll)?;
@@ -135,16 +174,31 @@ impl CustomOp2 for CrossEntropyBwd {
         let kept = count_kept(y, self.ignore);
         let scale = if kept == 0 { 0.0 } else { 1.0 / kept as f32 };
         let mut out = vec![0f32; n * c * hw];
-        let res: std::result::Result<(), u32> = out.par_chunks_mut(c * hw).enumerate().try_for_each(|(b, g)| {
-            let xb = &x[b * c * hw..(b + 1) * c * hw];
-            let yb = &y[b * hw..(b + 1) * hw];
-            for p0 in (0..hw).step_by(TILE) {
-                tile(xb, yb, c, hw, p0, TILE.min(hw - p0), self.ignore, Some((g, scale)))?;
-            }
-            Ok(())
-        });
+        let res: std::result::Result<(), u32> = out
+            .par_chunks_mut(c * hw)
+            .enumerate()
+            .try_for_each(|(b, g)| {
+                let xb = &x[b * c * hw..(b + 1) * c * hw];
+                let yb = &y[b * hw..(b + 1) * hw];
+                for p0 in (0..hw).step_by(TILE) {
+                    tile(
+                        xb,
+                        yb,
+                        c,
+                        hw,
+                        p0,
+                        TILE.min(hw - p0),
+                        self.ignore,
+                        Some((g, scale)),
+                    )?;
+                }
+                Ok(())
+            });
         if let Err(v) = res {
-            bail!("cross_entropy: label {v} is not a class id (0..{c}) nor the ignore label {}", self.ignore)
+            bail!(
+                "cross_entropy: label {v} is not a class id (0..{c}) nor the ignore label {}",
+                self.ignore
+            )
         }
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }
@@ -164,8 +218,21 @@ impl CustomOp2 for CrossEntropyBwd {
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, ignore_index: u32) -> Result<Tensor> {
     let (n, _, h, w) = logits.dims4()?;
     if labels.dims() != [n, h, w] {
-        bail!("cross_entropy: labels {:?} do not match logits {:?} (expected [{n}, {h}, {w}])", labels.dims(), logits.dims())
+        bail!(
+            "cross_entropy: labels {:?} do not match logits {:?} (expected [{n}, {h}, {w}])",
+            labels.dims(),
+            logits.dims()
+        )
+    }
+    if !logits.device().is_cpu() {
+        // No GPU kernel: the reference composition runs on any device.
+        return crate::reference::cross_entropy(logits, labels, ignore_index);
     }
     let labels = labels.to_dtype(DType::U32)?.contiguous()?;
-    logits.to_dtype(DType::F32)?.contiguous()?.apply_op2(&labels, CrossEntropy { ignore: ignore_index })
+    logits.to_dtype(DType::F32)?.contiguous()?.apply_op2(
+        &labels,
+        CrossEntropy {
+            ignore: ignore_index,
+        },
+    )
 }

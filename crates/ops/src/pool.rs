@@ -23,11 +23,16 @@ impl MaxPool {
         let mut best = usize::MAX;
         let mut bv = f32::NEG_INFINITY;
         for ky in 0..self.kernel.0 {
-            let Some(iy) = (oy * g.stride.0 + ky * g.dilation.0).checked_sub(g.padding.top).filter(|&y| y < h) else {
+            let Some(iy) = (oy * g.stride.0 + ky * g.dilation.0)
+                .checked_sub(g.padding.top)
+                .filter(|&y| y < h)
+            else {
                 continue;
             };
             for kx in 0..self.kernel.1 {
-                let Some(ix) = (ox * g.stride.1 + kx * g.dilation.1).checked_sub(g.padding.left).filter(|&x| x < w)
+                let Some(ix) = (ox * g.stride.1 + kx * g.dilation.1)
+                    .checked_sub(g.padding.left)
+                    .filter(|&x| x < w)
                 else {
                     continue;
                 };
@@ -52,15 +57,17 @@ impl CustomOp1 for MaxPool {
         let x = f32_slice(self.name(), s, l)?;
         let (ho, wo) = self.geom.output_size((h, w), self.kernel)?;
         let mut out = vec![0f32; n * c * ho * wo];
-        out.par_chunks_mut(ho * wo).enumerate().for_each(|(plane, o)| {
-            let p = &x[plane * h * w..(plane + 1) * h * w];
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    let i = self.argmax(p, h, w, oy, ox);
-                    o[oy * wo + ox] = if i == usize::MAX { 0.0 } else { p[i] };
+        out.par_chunks_mut(ho * wo)
+            .enumerate()
+            .for_each(|(plane, o)| {
+                let p = &x[plane * h * w..(plane + 1) * h * w];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let i = self.argmax(p, h, w, oy, ox);
+                        o[oy * wo + ox] = if i == usize::MAX { 0.0 } else { p[i] };
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
 
@@ -77,24 +84,32 @@ impl candle_core::CustomOp2 for MaxPoolBwd {
         "max-pool2d-bwd"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = xl.shape().dims4()?;
         let x = f32_slice(self.name(), xs, xl)?;
         let g = f32_slice(self.name(), gs, gl)?;
         let (_, _, ho, wo) = gl.shape().dims4()?;
         let mut out = vec![0f32; n * c * h * w];
-        out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dx)| {
-            let p = &x[plane * h * w..(plane + 1) * h * w];
-            let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    let i = self.0.argmax(p, h, w, oy, ox);
-                    if i != usize::MAX {
-                        dx[i] += gp[oy * wo + ox];
+        out.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(plane, dx)| {
+                let p = &x[plane * h * w..(plane + 1) * h * w];
+                let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let i = self.0.argmax(p, h, w, oy, ox);
+                        if i != usize::MAX {
+                            dx[i] += gp[oy * wo + ox];
+                        }
                     }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }
 }
@@ -104,14 +119,32 @@ impl candle_core::CustomOp2 for MaxPoolBwd {
 pub fn max_pool2d(x: &Tensor, kernel: (usize, usize), geom: &Conv2dGeometry) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let g = geom;
-    if g.padding.top >= kernel.0 || g.padding.bottom >= kernel.0 || g.padding.left >= kernel.1 || g.padding.right >= kernel.1 {
-        bail!("max_pool2d: padding {:?} must be smaller than the kernel {kernel:?}", g.padding)
+    if g.padding.top >= kernel.0
+        || g.padding.bottom >= kernel.0
+        || g.padding.left >= kernel.1
+        || g.padding.right >= kernel.1
+    {
+        bail!(
+            "max_pool2d: padding {:?} must be smaller than the kernel {kernel:?}",
+            g.padding
+        )
     }
     g.output_size((h, w), kernel)?;
-    let op = MaxPool { kernel, geom: *geom };
+    if !x.device().is_cpu() {
+        // No GPU kernel: the reference composition runs on any device.
+        return crate::reference::max_pool2d(x, kernel, geom);
+    }
+    let op = MaxPool {
+        kernel,
+        geom: *geom,
+    };
     match x.dtype() {
         DType::F32 => x.contiguous()?.apply_op1(op),
-        DType::F16 | DType::BF16 | DType::F64 => x.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)?.to_dtype(x.dtype()),
+        DType::F16 | DType::BF16 | DType::F64 => x
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1(op)?
+            .to_dtype(x.dtype()),
         dt => bail!("max_pool2d: unsupported dtype {dt:?}"),
     }
 }

@@ -50,7 +50,11 @@ fn strided(x: &Tensor, dim: usize, start: usize, count: usize, step: usize) -> R
     let avail = x.dim(dim)? - start;
     let want = count * step;
     let t = x.narrow(dim, start, avail.min(want))?;
-    let t = if avail < want { t.pad_with_zeros(dim, 0, want - avail)? } else { t };
+    let t = if avail < want {
+        t.pad_with_zeros(dim, 0, want - avail)?
+    } else {
+        t
+    };
     let mut shape = t.dims().to_vec();
     shape[dim] = count;
     shape.insert(dim + 1, step);
@@ -59,7 +63,13 @@ fn strided(x: &Tensor, dim: usize, start: usize, count: usize, step: usize) -> R
 
 /// The input window of kernel tap `(ky, kx)`: for every output position, the input value it
 /// multiplies with that tap. Shape `[N, C, Ho, Wo]`.
-fn tap(xp: &Tensor, ky: usize, kx: usize, geom: &Conv2dGeometry, out: (usize, usize)) -> Result<Tensor> {
+fn tap(
+    xp: &Tensor,
+    ky: usize,
+    kx: usize,
+    geom: &Conv2dGeometry,
+    out: (usize, usize),
+) -> Result<Tensor> {
     let t = strided(xp, 2, ky * geom.dilation.0, out.0, geom.stride.0)?;
     strided(&t, 3, kx * geom.dilation.1, out.1, geom.stride.1)
 }
@@ -69,14 +79,21 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: &Conv2dGeometry) -> Result
     let (_, c, h, wd) = x.dims4()?;
     let (cw, one, kh, kw) = w.dims4()?;
     if cw != c || one != 1 {
-        bail!("depthwise weight {:?} does not fit input {:?}", w.dims(), x.dims())
+        bail!(
+            "depthwise weight {:?} does not fit input {:?}",
+            w.dims(),
+            x.dims()
+        )
     }
     let out = geom.output_size((h, wd), (kh, kw))?;
     let xp = pad2d(x, &geom.padding, 0.0)?;
     let mut acc: Option<Tensor> = None;
     for ky in 0..kh {
         for kx in 0..kw {
-            let wt = w.narrow(2, ky, 1)?.narrow(3, kx, 1)?.reshape((1, c, 1, 1))?;
+            let wt = w
+                .narrow(2, ky, 1)?
+                .narrow(3, kx, 1)?
+                .reshape((1, c, 1, 1))?;
             let term = tap(&xp, ky, kx, geom, out)?.broadcast_mul(&wt)?;
             acc = Some(match acc {
                 None => term,
@@ -88,20 +105,35 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: &Conv2dGeometry) -> Result
 }
 
 /// Dense convolution, weights `[Cout, Cin, kh, kw]`, as a sum over taps of matmuls.
-pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &Conv2dGeometry) -> Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    geom: &Conv2dGeometry,
+) -> Result<Tensor> {
     let (n, cin, h, wd) = x.dims4()?;
     let (cout, cin_w, kh, kw) = w.dims4()?;
     if cin_w != cin {
-        bail!("conv weight {:?} does not fit input {:?}", w.dims(), x.dims())
+        bail!(
+            "conv weight {:?} does not fit input {:?}",
+            w.dims(),
+            x.dims()
+        )
     }
     let out = geom.output_size((h, wd), (kh, kw))?;
     let xp = pad2d(x, &geom.padding, 0.0)?;
     let mut acc: Option<Tensor> = None;
     for ky in 0..kh {
         for kx in 0..kw {
-            let wt = w.narrow(2, ky, 1)?.narrow(3, kx, 1)?.reshape((1, cout, cin))?;
+            let wt = w
+                .narrow(2, ky, 1)?
+                .narrow(3, kx, 1)?
+                .reshape((1, cout, cin))?;
             let xt = tap(&xp, ky, kx, geom, out)?.reshape((n, cin, out.0 * out.1))?;
-            let term = wt.broadcast_as((n, cout, cin))?.contiguous()?.matmul(&xt.contiguous()?)?;
+            let term = wt
+                .broadcast_as((n, cout, cin))?
+                .contiguous()?
+                .matmul(&xt.contiguous()?)?;
             acc = Some(match acc {
                 None => term,
                 Some(a) => (a + term)?,
@@ -116,7 +148,11 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &Conv2dGeomet
 }
 
 /// Source index pairs and the weight of the second one, for each output coordinate.
-pub(crate) fn resize_coords(input: usize, output: usize, mode: ResizeMode) -> Vec<(usize, usize, f32)> {
+pub(crate) fn resize_coords(
+    input: usize,
+    output: usize,
+    mode: ResizeMode,
+) -> Vec<(usize, usize, f32)> {
     (0..output)
         .map(|o| {
             let src = mode.source_coord(o, input, output);
@@ -161,7 +197,11 @@ pub fn batch_norm_train(
     let c = x.dim(1)?;
     let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
     let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+    let var = centered
+        .sqr()?
+        .mean_keepdim(0)?
+        .mean_keepdim(2)?
+        .mean_keepdim(3)?;
     let inv = (var.clone() + eps)?.sqrt()?.recip()?;
     let y = centered
         .broadcast_mul(&inv)?

@@ -79,22 +79,42 @@ impl CustomOp1 for ResizeFwd {
         let ty = taps(h, ho, self.mode);
         let tx = taps(w, wo, self.mode);
         let mut out = vec![0f32; n * c * ho * wo];
-        let rows_per_task = (n * c * ho).div_ceil(threads() * 8).max(1);
-        out.par_chunks_mut(wo * rows_per_task).enumerate().for_each(|(task, chunk)| {
+        // Tasks are blocks of output rows of one plane. Each task interpolates horizontally
+        // only the input rows its block reads, once, then blends them vertically with a
+        // plain vectorizable loop (each input row serves ~ho/h output rows).
+        let planes = n * c;
+        let blocks_per_plane = (threads() * 4).div_ceil(planes).max(1).min(ho);
+        let rows_per_block = ho.div_ceil(blocks_per_plane);
+        let chunk = rows_per_block * wo;
+        let tasks = out
+            .par_chunks_mut(ho * wo)
+            .enumerate()
+            .flat_map(|(plane, po)| {
+                po.par_chunks_mut(chunk.max(1))
+                    .enumerate()
+                    .map(move |(b, blk)| (plane, b, blk))
+            });
+        tasks.for_each(|(plane, b, block)| {
+            let oy0 = b * rows_per_block;
+            let rows = block.len() / wo;
+            if rows == 0 {
+                return;
+            }
+            let p = &x[plane * h * w..(plane + 1) * h * w];
+            let first = ty[oy0].i0;
+            let last = ty[oy0 + rows - 1].i1.max(ty[oy0 + rows - 1].i0);
+            let mut hbuf = vec![0f32; (last - first + 1) * wo];
             multiversion!(|| {
-                let mut top = vec![0f32; wo];
-                let mut bot = vec![0f32; wo];
-                for (r, orow) in chunk.chunks_mut(wo).enumerate() {
-                    let row = task * rows_per_task + r;
-                    let (plane, oy) = (row / ho, row % ho);
-                    let p = &x[plane * h * w..(plane + 1) * h * w];
-                    let t = ty[oy];
-                    let r0 = &p[t.i0 * w..(t.i0 + 1) * w];
-                    let r1 = &p[t.i1 * w..(t.i1 + 1) * w];
-                    lerp_row(r0, &tx, &mut top);
-                    lerp_row(r1, &tx, &mut bot);
-                    for ((o, a), b) in orow.iter_mut().zip(&top).zip(&bot) {
-                        *o = a + (b - a) * t.l;
+                for (k, hrow) in hbuf.chunks_exact_mut(wo).enumerate() {
+                    let iy = first + k;
+                    lerp_row(&p[iy * w..(iy + 1) * w], &tx, hrow);
+                }
+                for (r, orow) in block.chunks_exact_mut(wo).enumerate() {
+                    let t = ty[oy0 + r];
+                    let a = &hbuf[(t.i0 - first) * wo..][..wo];
+                    let b = &hbuf[(t.i1 - first) * wo..][..wo];
+                    for i in 0..wo {
+                        orow[i] = a[i] + (b[i] - a[i]) * t.l;
                     }
                 }
             })
@@ -113,7 +133,10 @@ impl CustomOp1 for ResizeFwd {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (_, _, h, w) = arg.dims4()?;
-        let op = ResizeBwd { input: (h, w), mode: self.mode };
+        let op = ResizeBwd {
+            input: (h, w),
+            mode: self.mode,
+        };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
@@ -144,20 +167,22 @@ impl CustomOp1 for ResizeBwd {
         let ty = taps(h, ho, self.mode);
         let tx = taps(w, wo, self.mode);
         let mut out = vec![0f32; n * c * h * w];
-        out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dx)| {
-            let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
-            for (oy, t) in ty.iter().enumerate() {
-                let grow = &gp[oy * wo..(oy + 1) * wo];
-                for (gv, tc) in grow.iter().zip(&tx) {
-                    let top = gv * (1.0 - t.l);
-                    let bot = gv * t.l;
-                    dx[t.i0 * w + tc.i0] += top * (1.0 - tc.l);
-                    dx[t.i0 * w + tc.i1] += top * tc.l;
-                    dx[t.i1 * w + tc.i0] += bot * (1.0 - tc.l);
-                    dx[t.i1 * w + tc.i1] += bot * tc.l;
+        out.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(plane, dx)| {
+                let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
+                for (oy, t) in ty.iter().enumerate() {
+                    let grow = &gp[oy * wo..(oy + 1) * wo];
+                    for (gv, tc) in grow.iter().zip(&tx) {
+                        let top = gv * (1.0 - t.l);
+                        let bot = gv * t.l;
+                        dx[t.i0 * w + tc.i0] += top * (1.0 - tc.l);
+                        dx[t.i0 * w + tc.i1] += top * tc.l;
+                        dx[t.i1 * w + tc.i0] += bot * (1.0 - tc.l);
+                        dx[t.i1 * w + tc.i1] += bot * tc.l;
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }
 
@@ -186,17 +211,26 @@ impl CustomOp1 for ResizeBwd {
 pub fn resize_bilinear(x: &Tensor, size: (usize, usize), mode: ResizeMode) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if size.0 == 0 || size.1 == 0 || h == 0 || w == 0 {
-        bail!("resize_bilinear: cannot resize {:?} to {:?}", x.dims(), size)
+        bail!(
+            "resize_bilinear: cannot resize {:?} to {:?}",
+            x.dims(),
+            size
+        )
     }
     if (h, w) == size {
         return Ok(x.clone());
     }
+    if !crate::cpu::has_kernel(x.device()) {
+        return crate::reference::resize_bilinear(x, size, mode);
+    }
     let op = ResizeFwd { size, mode };
     match x.dtype() {
         DType::F32 => x.contiguous()?.apply_op1(op),
-        DType::F16 | DType::BF16 | DType::F64 => {
-            x.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)?.to_dtype(x.dtype())
-        }
+        DType::F16 | DType::BF16 | DType::F64 => x
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1(op)?
+            .to_dtype(x.dtype()),
         dt => bail!("resize_bilinear: unsupported dtype {dt:?}"),
     }
 }

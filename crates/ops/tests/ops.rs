@@ -24,8 +24,17 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-3);
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    let scale = b
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?
+        .max(1e-3);
     Ok(diff / scale)
 }
 
@@ -49,7 +58,12 @@ fn run_with_grads(
     let grads = loss.backward()?;
     let gs = vars
         .iter()
-        .map(|v| grads.get(v).cloned().unwrap_or(v.as_tensor().zeros_like().unwrap()))
+        .map(|v| {
+            grads
+                .get(v)
+                .cloned()
+                .unwrap_or(v.as_tensor().zeros_like().unwrap())
+        })
         .collect();
     Ok((y, gs))
 }
@@ -71,7 +85,11 @@ fn compare_op(
 
 /// Central finite differences of `sum(f(x) * r)` w.r.t. a few elements of input `which`,
 /// computed in f64 through the reference-free fast op, against autograd.
-fn finite_difference(inputs: &[Tensor], which: usize, f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<()> {
+fn finite_difference(
+    inputs: &[Tensor],
+    which: usize,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
     let (_, grads) = run_with_grads(inputs, f)?;
     let g = grads[which].flatten_all()?.to_vec1::<f32>()?;
     let base = inputs[which].flatten_all()?.to_vec1::<f32>()?;
@@ -82,7 +100,9 @@ fn finite_difference(inputs: &[Tensor], which: usize, f: &dyn Fn(&[Tensor]) -> R
         ins[which] = Tensor::from_vec(vals.to_vec(), shape.clone(), &dev)?;
         let y = f(&ins)?;
         let r = seeded_uniform(y.dims(), 99, y.device())?;
-        Ok((y.to_dtype(DType::F64)? * r.to_dtype(DType::F64)?)?.sum_all()?.to_scalar::<f64>()?)
+        (y.to_dtype(DType::F64)? * r.to_dtype(DType::F64)?)?
+            .sum_all()?
+            .to_scalar::<f64>()
     };
     let eps = 1e-2f32;
     let step = (base.len() / 7).max(1);
@@ -93,7 +113,11 @@ fn finite_difference(inputs: &[Tensor], which: usize, f: &dyn Fn(&[Tensor]) -> R
         m[i] -= eps;
         let fd = (eval(&p)? - eval(&m)?) / (2.0 * eps as f64);
         let tol = 2e-2 * fd.abs().max(1.0);
-        assert!((fd - g[i] as f64).abs() <= tol, "finite difference at {i}: fd {fd} vs autograd {}", g[i]);
+        assert!(
+            (fd - g[i] as f64).abs() <= tol,
+            "finite difference at {i}: fd {fd} vs autograd {}",
+            g[i]
+        );
     }
     Ok(())
 }
@@ -101,7 +125,8 @@ fn finite_difference(inputs: &[Tensor], which: usize, f: &dyn Fn(&[Tensor]) -> R
 #[test]
 fn depthwise_matches_reference() -> Result<()> {
     for dev in devices() {
-        let cases: &[((usize, usize, usize, usize), usize, usize, usize, bool)] = &[
+        type DwCase = ((usize, usize, usize, usize), usize, usize, usize, bool);
+        let cases: &[DwCase] = &[
             // (input NCHW, kernel, stride, rate, fixed (TF strided) padding instead of SAME)
             ((2, 5, 17, 23), 3, 1, 1, false),
             ((2, 5, 17, 23), 3, 1, 2, false),
@@ -115,7 +140,11 @@ fn depthwise_matches_reference() -> Result<()> {
             ((2, 3, 11, 8), 4, 2, 1, true),
         ];
         for &((n, c, h, w), k, s, r, fixed) in cases {
-            let geom = if fixed { Conv2dGeometry::deeplab(k, s, r) } else { Conv2dGeometry::same(k, r) };
+            let geom = if fixed {
+                Conv2dGeometry::deeplab(k, s, r)
+            } else {
+                Conv2dGeometry::same(k, r)
+            };
             let x = seeded_uniform(&[n, c, h, w], 1, &dev)?;
             let wt = seeded_uniform(&[c, 1, k, k], 2, &dev)?;
             let what = format!("depthwise {:?} k{k} s{s} r{r} on {dev:?}", (n, c, h, w));
@@ -131,9 +160,18 @@ fn depthwise_matches_reference() -> Result<()> {
             Conv2dGeometry {
                 stride: (1, 1),
                 dilation: (2, 2),
-                padding: Padding2d { top: 0, bottom: 3, left: 1, right: 0 },
+                padding: Padding2d {
+                    top: 0,
+                    bottom: 3,
+                    left: 1,
+                    right: 0,
+                },
             },
-            Conv2dGeometry { stride: (2, 2), dilation: (1, 1), padding: Padding2d::ZERO },
+            Conv2dGeometry {
+                stride: (2, 2),
+                dilation: (1, 1),
+                padding: Padding2d::ZERO,
+            },
         ] {
             let x = seeded_uniform(&[2, 3, 13, 12], 3, &dev)?;
             let wt = seeded_uniform(&[3, 1, 3, 3], 4, &dev)?;
@@ -174,7 +212,10 @@ fn depthwise_half_precision_and_errors() -> Result<()> {
     assert_close(&y16, &y32, 3e-2, "bf16 depthwise")?;
     let bad = seeded_uniform(&[3, 1, 3, 3], 8, &dev)?;
     let e = depthwise_conv2d(&x, &bad, &g).unwrap_err().to_string();
-    assert!(e.contains("[3, 1, 3, 3]") && e.contains("[1, 4, 9, 9]"), "{e}");
+    assert!(
+        e.contains("[3, 1, 3, 3]") && e.contains("[1, 4, 9, 9]"),
+        "{e}"
+    );
     let tiny = seeded_uniform(&[1, 4, 2, 2], 7, &dev)?;
     assert!(depthwise_conv2d(&tiny, &w, &Conv2dGeometry::default()).is_err());
     Ok(())
@@ -184,7 +225,13 @@ fn depthwise_half_precision_and_errors() -> Result<()> {
 fn conv2d_strided_gradients_on_non_square_input() -> Result<()> {
     // candle 0.11's own conv2d backward is wrong here (output padding from the height only).
     for dev in devices() {
-        for (h, w, k, s, r) in [(10, 9, 3, 2, 1), (9, 10, 3, 2, 1), (11, 8, 1, 2, 1), (17, 23, 3, 1, 2), (10, 9, 7, 2, 1)] {
+        for (h, w, k, s, r) in [
+            (10, 9, 3, 2, 1),
+            (9, 10, 3, 2, 1),
+            (11, 8, 1, 2, 1),
+            (17, 23, 3, 1, 2),
+            (10, 9, 7, 2, 1),
+        ] {
             let geom = Conv2dGeometry::deeplab(k, s, r);
             let x = seeded_uniform(&[2, 3, h, w], 9, &dev)?;
             let wt = seeded_uniform(&[4, 3, k, k], 10, &dev)?;
@@ -215,21 +262,29 @@ fn resize_hand_computed_values() -> Result<()> {
     for dev in devices() {
         // 1x3 row [0, 10, 20] -> 5 columns.
         let x = Tensor::new(&[0f32, 10., 20.], &dev)?.reshape((1, 1, 1, 3))?;
-        let ac = resize_bilinear(&x, (1, 5), ResizeMode::AlignCorners)?.flatten_all()?.to_vec1::<f32>()?;
+        let ac = resize_bilinear(&x, (1, 5), ResizeMode::AlignCorners)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(ac, [0., 5., 10., 15., 20.]);
         // Half-pixel: src = (d + .5) * 3/5 - .5 = -0.2 (clamped 0), 0.4, 1.0, 1.6, 2.2 (-> 2).
-        let hp = resize_bilinear(&x, (1, 5), ResizeMode::HalfPixel)?.flatten_all()?.to_vec1::<f32>()?;
+        let hp = resize_bilinear(&x, (1, 5), ResizeMode::HalfPixel)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         for (a, b) in hp.iter().zip([0., 4., 10., 16., 20.]) {
             assert!((a - b).abs() < 1e-5, "{hp:?}");
         }
         // Asymmetric: src = d * 3/5 = 0, .6, 1.2, 1.8, 2.4.
-        let asy = resize_bilinear(&x, (1, 5), ResizeMode::Asymmetric)?.flatten_all()?.to_vec1::<f32>()?;
+        let asy = resize_bilinear(&x, (1, 5), ResizeMode::Asymmetric)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         for (a, b) in asy.iter().zip([0., 6., 12., 18., 20.]) {
             assert!((a - b).abs() < 1e-5, "{asy:?}");
         }
         // 2x2 -> 3x3 align corners: the centre is the mean of the four corners.
         let x = Tensor::new(&[[1f32, 2.], [3., 4.]], &dev)?.reshape((1, 1, 2, 2))?;
-        let y = resize_bilinear(&x, (3, 3), ResizeMode::AlignCorners)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = resize_bilinear(&x, (3, 3), ResizeMode::AlignCorners)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(y, [1., 1.5, 2., 2., 2.5, 3., 3., 3.5, 4.]);
         // 129 -> 513 with align corners lands exactly on every 4th output.
         let x = seeded_uniform(&[1, 2, 129, 129], 3, &dev)?;
@@ -244,8 +299,17 @@ fn resize_hand_computed_values() -> Result<()> {
 #[test]
 fn resize_matches_reference() -> Result<()> {
     for dev in devices() {
-        for mode in [ResizeMode::AlignCorners, ResizeMode::HalfPixel, ResizeMode::Asymmetric] {
-            for (inp, out) in [((17, 23), (65, 65)), ((65, 65), (17, 23)), ((9, 9), (33, 31)), ((1, 5), (4, 1))] {
+        for mode in [
+            ResizeMode::AlignCorners,
+            ResizeMode::HalfPixel,
+            ResizeMode::Asymmetric,
+        ] {
+            for (inp, out) in [
+                ((17, 23), (65, 65)),
+                ((65, 65), (17, 23)),
+                ((9, 9), (33, 31)),
+                ((1, 5), (4, 1)),
+            ] {
                 let x = seeded_uniform(&[2, 3, inp.0, inp.1], 4, &dev)?;
                 compare_op(
                     &[x],
@@ -256,7 +320,9 @@ fn resize_matches_reference() -> Result<()> {
             }
         }
         let x = seeded_uniform(&[1, 2, 4, 3], 5, &dev)?;
-        finite_difference(&[x], 0, &|t| resize_bilinear(&t[0], (7, 5), ResizeMode::AlignCorners))?;
+        finite_difference(&[x], 0, &|t| {
+            resize_bilinear(&t[0], (7, 5), ResizeMode::AlignCorners)
+        })?;
     }
     Ok(())
 }
@@ -306,9 +372,19 @@ fn batch_norm_running_stats_by_hand() -> Result<()> {
     let rm = bn.running_mean().to_vec1::<f32>()?[0];
     let rv = bn.running_var().to_vec1::<f32>()?[0];
     assert!((rm - 0.25 * 2.5).abs() < 1e-6, "running mean {rm}");
-    assert!((rv - (0.75 + 0.25 * 5.0 / 3.0)).abs() < 1e-6, "running var {rv}");
+    assert!(
+        (rv - (0.75 + 0.25 * 5.0 / 3.0)).abs() < 1e-6,
+        "running var {rv}"
+    );
     // The running stats live in the VarMap (so checkpoints save them).
-    let saved = map.data().lock().unwrap().get("running_mean").unwrap().as_tensor().to_vec1::<f32>()?[0];
+    let saved = map
+        .data()
+        .lock()
+        .unwrap()
+        .get("running_mean")
+        .unwrap()
+        .as_tensor()
+        .to_vec1::<f32>()?[0];
     assert_eq!(saved, rm);
     // Eval uses the running stats.
     let ye = bn.forward_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
@@ -327,7 +403,9 @@ fn channel_affine_gradients() -> Result<()> {
             &[x, s, b],
             &|t| channel_affine(&t[0], &t[1], &t[2], act),
             &|t| {
-                let y = t[0].broadcast_mul(&t[1].reshape((1, 3, 1, 1))?)?.broadcast_add(&t[2].reshape((1, 3, 1, 1))?)?;
+                let y = t[0]
+                    .broadcast_mul(&t[1].reshape((1, 3, 1, 1))?)?
+                    .broadcast_add(&t[2].reshape((1, 3, 1, 1))?)?;
                 act.apply(&y)
             },
             &format!("channel affine {act:?}"),
@@ -347,24 +425,30 @@ fn cross_entropy_with_ignore() -> Result<()> {
         let labels = Tensor::from_vec(labels, (2, 7, 9), &dev)?;
         let l2 = labels.clone();
         compare_op(
-            &[logits.clone()],
+            std::slice::from_ref(&logits),
             &|t| cross_entropy(&t[0], &labels, 255),
             &|t| reference::cross_entropy(&t[0], &l2, 255),
             "cross entropy",
         )?;
-        finite_difference(&[logits.narrow(0, 0, 1)?.narrow(2, 0, 2)?.contiguous()?], 0, &|t| {
-            cross_entropy(&t[0], &labels.narrow(0, 0, 1)?.narrow(1, 0, 2)?, 255)
-        })?;
+        finite_difference(
+            &[logits.narrow(0, 0, 1)?.narrow(2, 0, 2)?.contiguous()?],
+            0,
+            &|t| cross_entropy(&t[0], &labels.narrow(0, 0, 1)?.narrow(1, 0, 2)?, 255),
+        )?;
         // All ignored: loss 0, gradient 0 (not NaN).
         let ign = Tensor::full(255u8, (2, 7, 9), &dev)?;
-        let (y, g) = run_with_grads(&[logits.clone()], &|t| cross_entropy(&t[0], &ign, 255))?;
+        let (y, g) = run_with_grads(std::slice::from_ref(&logits), &|t| {
+            cross_entropy(&t[0], &ign, 255)
+        })?;
         assert_eq!(y.to_dtype(DType::F32)?.to_scalar::<f32>()?, 0.0);
         assert_eq!(g[0].abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
         // Unknown class id.
         let bad = Tensor::full(7u8, (2, 7, 9), &dev)?;
         let e = cross_entropy(&logits, &bad, 255).unwrap_err().to_string();
         assert!(e.contains("label 7"), "{e}");
-        let e = cross_entropy(&logits, &ign.narrow(1, 0, 3)?, 255).unwrap_err().to_string();
+        let e = cross_entropy(&logits, &ign.narrow(1, 0, 3)?, 255)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("[2, 3, 9]"), "{e}");
     }
     Ok(())
@@ -374,7 +458,11 @@ fn cross_entropy_with_ignore() -> Result<()> {
 fn max_pool_matches_reference() -> Result<()> {
     for dev in devices() {
         for (h, w) in [(17, 23), (10, 9), (65, 65)] {
-            let geom = Conv2dGeometry { stride: (2, 2), dilation: (1, 1), padding: Padding2d::uniform(1) };
+            let geom = Conv2dGeometry {
+                stride: (2, 2),
+                dilation: (1, 1),
+                padding: Padding2d::uniform(1),
+            };
             let x = seeded_uniform(&[2, 3, h, w], 16, &dev)?;
             compare_op(
                 &[x],
@@ -385,8 +473,17 @@ fn max_pool_matches_reference() -> Result<()> {
         }
         // A window made mostly of padding still picks the real value, negative or not.
         let x = Tensor::new(&[-5f32], &dev)?.reshape((1, 1, 1, 1))?;
-        let g = Conv2dGeometry { stride: (2, 2), dilation: (1, 1), padding: Padding2d::uniform(1) };
-        assert_eq!(max_pool2d(&x, (3, 3), &g)?.flatten_all()?.to_vec1::<f32>()?, [-5.0]);
+        let g = Conv2dGeometry {
+            stride: (2, 2),
+            dilation: (1, 1),
+            padding: Padding2d::uniform(1),
+        };
+        assert_eq!(
+            max_pool2d(&x, (3, 3), &g)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            [-5.0]
+        );
     }
     Ok(())
 }
