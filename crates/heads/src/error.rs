@@ -90,6 +90,10 @@ pub enum ModelError {
     /// A TensorFlow checkpoint could not be read.
     #[error(transparent)]
     Checkpoint(#[from] deeplab_formats::CheckpointError),
+    /// A TFLite model could not be read (truncated, wrong identifier, malformed flatbuffer,
+    /// unsupported tensor data); the source names the file and the tensor or operator.
+    #[error(transparent)]
+    Tflite(#[from] deeplab_formats::TfliteError),
     /// A checkpoint inside an archive could not be read (the source names the extracted file).
     #[error("{path}: {source}")]
     Archive {

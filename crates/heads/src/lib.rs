@@ -21,6 +21,8 @@
 //!   `deeplab_config`, written atomically; [`DeepLabModel::load`] builds from a file alone.
 //! - [`convert`]: official DeepLab TensorFlow checkpoints (or model-zoo `.tar.gz`) to canonical
 //!   files.
+//! - [`tflite`]: TensorFlow's TFLite DeepLabv3-MobileNetV2 models (float or uint8-quantized,
+//!   BatchNorm folded) to canonical files, the graph checked against what the model computes.
 //! - [`DeepLabModel::count`] / [`DeepLabConfig::count`]: parameters and multiply-adds with the
 //!   paper's convention (every convolution, atrous ones counted on TensorFlow's
 //!   space-to-batch grid; see [`deeplab_ops::MacCounter`]).
@@ -82,6 +84,7 @@ mod error;
 pub mod keys;
 pub mod model;
 pub mod npy;
+pub mod tflite;
 pub mod weights;
 
 pub use aspp::{Aspp, AsppConfig};
