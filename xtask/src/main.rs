@@ -47,18 +47,35 @@ enum Command {
     },
 }
 
-/// Converts an extracted TensorFlow checkpoint into canonical safetensors.
-///
-/// The converter lives in the heads crate (official variable names -> our key scheme, with the model
-/// config in the metadata); until it is wired in here, archive entries stop after the verified
-/// download and extraction with this error, and the next run resumes from the cached archive.
+/// Converts an extracted TensorFlow checkpoint into canonical safetensors with the heads
+/// crate's converter (official variable names -> our key scheme, model config in the
+/// metadata). The table entry supplies what the checkpoint cannot say: the output stride it
+/// was trained at, the one to evaluate at, the ASPP rates and the multi-grid.
 fn convert_checkpoint(ckpt: &Path, spec: &WeightSpec, out: &Path) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "no TensorFlow-checkpoint converter is built into this xtask yet (checkpoint {}, entry `{}`, output {})",
-        ckpt.display(),
-        spec.name,
+    use anyhow::Context;
+    use deeplab_backbones::OutputStride;
+    use deeplab_heads::convert::{convert_file, ConvertOptions};
+    let os = |v: u32| OutputStride::try_from(v as usize).map_err(|e| anyhow::anyhow!("{e}"));
+    let model = &spec.model;
+    let train_os = model.train_output_stride.unwrap_or(16);
+    let mut opts = ConvertOptions {
+        output_stride: Some(os(train_os)?),
+        eval_output_stride: Some(os(model.eval_output_stride)?),
+        multi_grid: model.multi_grid.map(|m| m.iter().map(|&v| v as usize).collect()),
+        ..Default::default()
+    };
+    if let Some(rates) = model.head.as_ref().and_then(|h| h.atrous_rates_at(train_os)) {
+        opts.atrous_rates = Some(rates.iter().map(|&v| v as usize).collect());
+    }
+    let converted = convert_file(ckpt, out, &opts)
+        .with_context(|| format!("converting `{}` from {}", spec.name, ckpt.display()))?;
+    eprintln!(
+        "converted {} variables ({} skipped) into {}",
+        converted.mapping.len(),
+        converted.skipped.len(),
         out.display()
-    )
+    );
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
