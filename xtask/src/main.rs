@@ -61,10 +61,16 @@ fn convert_checkpoint(ckpt: &Path, spec: &WeightSpec, out: &Path) -> anyhow::Res
     let mut opts = ConvertOptions {
         output_stride: Some(os(train_os)?),
         eval_output_stride: Some(os(model.eval_output_stride)?),
-        multi_grid: model.multi_grid.map(|m| m.iter().map(|&v| v as usize).collect()),
+        multi_grid: model
+            .multi_grid
+            .map(|m| m.iter().map(|&v| v as usize).collect()),
         ..Default::default()
     };
-    if let Some(rates) = model.head.as_ref().and_then(|h| h.atrous_rates_at(train_os)) {
+    if let Some(rates) = model
+        .head
+        .as_ref()
+        .and_then(|h| h.atrous_rates_at(train_os))
+    {
         opts.atrous_rates = Some(rates.iter().map(|&v| v as usize).collect());
     }
     let converted = convert_file(ckpt, out, &opts)

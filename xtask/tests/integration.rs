@@ -1139,7 +1139,10 @@ mod cli {
             let converted = cache
                 .join("mobilenetv2_coco_voc_trainaug")
                 .join("model.safetensors");
-            assert!(stdout.contains(&converted.display().to_string()), "{stdout}");
+            assert!(
+                stdout.contains(&converted.display().to_string()),
+                "{stdout}"
+            );
             let config = deeplab_heads::weights::read_config(&converted).unwrap();
             assert_eq!(config.num_classes, 21);
             assert!(config.decoder.is_none());
@@ -1160,5 +1163,148 @@ mod cli {
             stderr.contains("did you mean") && stderr.contains("mobilenetv2_coco_voc_trainaug"),
             "{stderr}"
         );
+    }
+}
+
+mod timm_files {
+    //! The table's timm hub entries produce files that `deeplab-backbones` loads with no
+    //! renaming. Each file is generated locally with timm's names and shapes (from the key lists
+    //! in `../shared/reference/keys` when present, else the names our model requests with its
+    //! classifier on), loaded into the backbone with the classifier, and run; the smallest one
+    //! also goes through the real fetch path from the local hub.
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use deeplab_backbones::{Backbone, BackboneConfig};
+
+    type Key = (String, Vec<usize>, bool);
+
+    fn shared_keys(name: &str) -> Option<Vec<Key>> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../../shared/reference/keys/timm_{name}.keys.txt"));
+        let text = std::fs::read_to_string(p).ok()?;
+        let keys = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let mut f = l.split('\t');
+                let name = f.next().unwrap_or_default().to_string();
+                let shape: Vec<usize> = f
+                    .next()
+                    .unwrap_or("[]")
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .filter_map(|d| d.trim().parse().ok())
+                    .collect();
+                let int = f.next().unwrap_or_default().contains("int");
+                (name, shape, int)
+            })
+            .collect();
+        Some(keys)
+    }
+
+    fn requested_keys(cfg: &BackboneConfig) -> Vec<Key> {
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        cfg.build(vb).expect("build backbone");
+        let data = map.data().lock().expect("varmap lock");
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.dims().to_vec(), false))
+            .collect()
+    }
+
+    fn write_file(keys: &[Key], path: &Path) {
+        let dev = Device::Cpu;
+        let mut tensors = HashMap::new();
+        for (i, (name, shape, int)) in keys.iter().enumerate() {
+            let t = if *int {
+                Tensor::zeros(shape.as_slice(), DType::I64, &dev).unwrap()
+            } else if name.ends_with("running_var") {
+                Tensor::ones(shape.as_slice(), DType::F32, &dev).unwrap()
+            } else {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|j| ((i * 31 + j) % 17) as f32 * 1e-3).collect();
+                Tensor::from_vec(v, shape.as_slice(), &dev).unwrap()
+            };
+            tensors.insert(name.clone(), t);
+        }
+        candle_core::safetensors::save(&tensors, path).unwrap();
+    }
+
+    fn load_and_run(name: &str, path: &Path) {
+        let cfg = BackboneConfig::from_name(name)
+            .unwrap()
+            .with_classifier(Some(1000));
+        // SAFETY: the file was written by this test and is not modified while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }
+            .unwrap();
+        let bb = cfg
+            .build(vb)
+            .unwrap_or_else(|e| panic!("{name}: the timm-named file does not load: {e}"));
+        let x = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+        let feats = bb.forward_features(&x, false).unwrap();
+        assert_eq!(feats.len(), bb.feature_info().len());
+        let logits = bb
+            .forward_classifier(&feats[feats.len() - 1], false)
+            .unwrap();
+        assert_eq!(logits.dims(), &[1, 1000], "{name}");
+    }
+
+    #[test]
+    fn timm_hub_entries_load_into_backbones_without_renaming() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut checked = 0;
+        for spec in deeplab_weights::all() {
+            let (Source::Hub { .. }, Some(keys_name)) = (&spec.source, spec.timm_keys) else {
+                continue;
+            };
+            let keys = shared_keys(keys_name).unwrap_or_else(|| {
+                println!(
+                    "note: ../shared/reference/keys/timm_{keys_name}.keys.txt not found; using the names our model requests"
+                );
+                let cfg = BackboneConfig::from_name(keys_name)
+                    .unwrap()
+                    .with_classifier(Some(1000));
+                requested_keys(&cfg)
+            });
+            let path = tmp.path().join(format!("{keys_name}.safetensors"));
+            write_file(&keys, &path);
+            load_and_run(keys_name, &path);
+            std::fs::remove_file(&path).unwrap();
+            checked += 1;
+        }
+        assert_eq!(checked, 7, "every timm hub entry was checked");
+    }
+
+    #[test]
+    fn fetched_timm_file_loads_without_renaming() {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = Server::start();
+        let opts = options(tmp.path(), &server);
+        let spec = find("mobilenetv2_050.lamb_in1k").unwrap();
+        let Source::Hub {
+            repo,
+            revision,
+            file,
+        } = spec.source
+        else {
+            unreachable!()
+        };
+        let keys = shared_keys("mobilenetv2_050").unwrap_or_else(|| {
+            requested_keys(
+                &BackboneConfig::from_name("mobilenetv2_050")
+                    .unwrap()
+                    .with_classifier(Some(1000)),
+            )
+        });
+        let local = tmp.path().join("gen.safetensors");
+        write_file(&keys, &local);
+        let data = std::fs::read(&local).unwrap();
+        serve_hub_file(&server, repo, revision, file, &data, &sha256(&data));
+        let fetched = fetch(spec, &opts, &|_, _, _| {
+            anyhow::bail!("no conversion for hub files")
+        })
+        .unwrap();
+        load_and_run("mobilenetv2_050", &fetched.path);
     }
 }
