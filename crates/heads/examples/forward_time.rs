@@ -30,6 +30,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     times.sort_by(f64::total_cmp);
-    println!("{name} {size}x{size}: median {:.3} s over {runs} runs ({:?})", times[times.len() / 2], times);
+    println!(
+        "{name} {size}x{size}: median {:.3} s over {runs} runs ({:?})",
+        times[times.len() / 2],
+        times
+    );
     Ok(())
 }
