@@ -173,7 +173,8 @@ pub struct TrainOptions {
     pub stop_after: Option<usize>,
     /// Element type of `model.safetensors`.
     pub save_dtype: SaveDType,
-    /// Progress bar on a terminal.
+    /// Progress bar on a terminal (a display setting: not recorded in the files).
+    #[serde(skip, default)]
     pub progress: bool,
 }
 
