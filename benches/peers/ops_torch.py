@@ -2,8 +2,15 @@
 channels-last, median of N runs, printed as markdown rows. Run in the peer environment
 (../shared/tools/peer-env.sh) with the same thread count as our benchmark:
     OMP_NUM_THREADS=2 $VENV/bin/python benches/peers/ops_torch.py --threads 2
+
+With --serve it answers requests on stdin instead, one JSON line per request, so that
+crates/ops/examples/op_table.rs (--peer) can alternate its measurements with ours:
+    "depthwise N"  ->  [[nchw_ms, channels_last_ms], ...] for each shape, median of N runs
+    "quit"         ->  exits
 """
 import argparse
+import json
+import sys
 import time
 
 import torch
@@ -23,18 +30,47 @@ def median_ms(fn, runs):
     return ts[len(ts) // 2]
 
 
+def serve():
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for c, h, w, r in SHAPES:
+        x = torch.rand(1, c, h, w, generator=g) * 2 - 1
+        k = torch.rand(c, 1, 3, 3, generator=g) * 2 - 1
+        xl = x.contiguous(memory_format=torch.channels_last)
+        kl = k.contiguous(memory_format=torch.channels_last)
+        cases.append((x, k, xl, kl, r, c))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "quit":
+            break
+        if words[0] != "depthwise" or len(words) != 2:
+            print(json.dumps({"error": f"unknown request {line.strip()!r}"}), flush=True)
+            continue
+        runs = int(words[1])
+        out = []
+        with torch.no_grad():
+            for x, k, xl, kl, r, c in cases:
+                nchw = median_ms(lambda: F.conv2d(x, k, padding=r, dilation=r, groups=c), runs)
+                cl = median_ms(lambda: F.conv2d(xl, kl, padding=r, dilation=r, groups=c), runs)
+                out.append([nchw, cl])
+        print(json.dumps(out), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--serve", action="store_true", help="answer requests on stdin (see above)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.serve:
+        serve()
+        return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| op | torch NCHW (ms) | torch channels-last (ms) | torch NCHW fwd+bwd (ms) |")
     print("|---|---:|---:|---:|")
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        pass
     for c, h, w, r in SHAPES:
         x = torch.rand(1, c, h, w, generator=g) * 2 - 1
         k = torch.rand(c, 1, 3, 3, generator=g) * 2 - 1

@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
 use deeplab_ops::reference::seeded_uniform;
 use deeplab_ops::{
-    batch_norm_train, depthwise_conv2d, resize_bilinear, Conv2dGeometry, ResizeMode,
+    batch_norm_train, depthwise_conv2d, depthwise_conv2d_fused, resize_bilinear, Activation,
+    Conv2dGeometry, ResizeMode,
 };
 
 /// A named benchmark with our implementation and candle's.
@@ -58,6 +59,30 @@ pub fn cases(dev: &Device, with_backward: bool) -> Result<Vec<Case>> {
             });
         }
     }
+    // The BN-folded inference path of a separable conv: ReLU -> depthwise -> + bias -> ReLU.
+    let (c, h, r) = (728, 33, 2);
+    let x = seeded_uniform(&[1, c, h, h], 1, dev)?;
+    let k = seeded_uniform(&[c, 1, 3, 3], 2, dev)?;
+    let b = seeded_uniform(&[c], 5, dev)?;
+    let g = Conv2dGeometry::same(3, r);
+    let (x2, k2, b2) = (x.clone(), k.clone(), b.reshape((1, c, 1, 1))?);
+    v.push(Case {
+        name: format!("{tag}/depthwise_fused_fwd/1x{c}x{h}x{h}_d{r}_relu_bias_relu"),
+        ours: Box::new(move || {
+            sync(&depthwise_conv2d_fused(
+                &x,
+                &k,
+                Some(&b),
+                true,
+                Activation::Relu,
+                &g,
+            )?)
+        }),
+        candle: Box::new(move || {
+            let y = x2.relu()?.conv2d(&k2, r, 1, r, c)?;
+            sync(&y.broadcast_add(&b2)?.relu()?)
+        }),
+    });
     let x = seeded_uniform(&[1, 21, 129, 129], 3, dev)?;
     let x2 = x.clone();
     v.push(Case {

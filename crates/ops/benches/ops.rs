@@ -6,10 +6,13 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 #[path = "cases.rs"]
 mod cases;
+#[path = "conv/cases.rs"]
+mod conv_cases;
 
 fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
-    let cases = cases::cases(&dev, true).expect("benchmark setup");
+    let mut cases = cases::cases(&dev, true).expect("benchmark setup");
+    cases.extend(conv_cases::conv_cases(&dev, true).expect("conv benchmark setup"));
     let mut group = c.benchmark_group("ops");
     group
         .sample_size(10)

@@ -1,17 +1,191 @@
 //! Dense 2-D convolution with asymmetric padding and correct gradients on non-square inputs.
 //!
-//! candle 0.11's conv2d backward derives the transposed convolution's output padding from the
-//! height alone, so a strided convolution of an input whose height and width leave different
-//! remainders gets a wrong input gradient. This wrapper pads explicitly and then crops the
-//! input to exactly the extent the kernel windows cover, so candle's output padding is zero on
-//! both axes and its backward is exact. Uncovered rows and columns get zero gradient through
-//! the crop. 1x1 stride-1 convolutions run as one batched matmul.
+//! On the CPU (f32, and f16/bf16 through f32) a convolution with one group runs as im2col + one
+//! gemm per image: the patch matrix of [`crate::im2col`] is built in chunks of output rows into
+//! a reused scratch buffer (at most [`CHUNK_ELEMS`] floats) and multiplied by the weights seen
+//! as `[Cout, Cin * kh * kw]`, writing NCHW output directly. The backward pass rebuilds the
+//! patch matrix (only the input and weights are kept for it, as with candle's own conv) and
+//! runs two matmuls: `dW = dY * cols^T` and `dX = col2im(W^T * dY)`. This is exact for any
+//! stride, dilation and asymmetric padding, on any input size.
+//!
+//! 1x1 stride-1 unpadded convolutions run as one batched matmul. Grouped convolutions, f64 and
+//! other devices use candle's conv2d. candle 0.11's conv2d backward derives the transposed
+//! convolution's output padding from the height alone, so a strided convolution of an input
+//! whose height and width leave different remainders gets a wrong input gradient. That path
+//! pads explicitly and then crops the input to exactly the extent the kernel windows cover, so
+//! candle's output padding is zero on both axes and its backward is exact. Uncovered rows and
+//! columns get zero gradient through the crop.
 
+use crate::cpu::{f32_slice, threads};
 use crate::geometry::Conv2dGeometry;
-use candle_core::{bail, Result, Tensor};
+use crate::im2col::{col2im, fill_rows, im2col, Patches};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use std::cell::Cell;
+
+/// The largest patch-matrix chunk the forward pass builds at once, in f32 elements (16 MiB):
+/// large enough that each gemm has thousands of columns, small enough to stay mostly in the
+/// last-level cache between being written and being read, and to bound memory at any size.
+const CHUNK_ELEMS: usize = 1 << 22;
+
+thread_local! {
+    /// Patch-matrix scratch reused across calls, so repeated convolutions do not page-fault
+    /// a fresh buffer in every time. Taken out while in use, so a re-entrant call (a rayon
+    /// worker picking up another convolution) just allocates its own.
+    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Convolution of `(x, w)` with one group as im2col + gemm.
+struct ConvGemm {
+    geom: Conv2dGeometry,
+}
+
+impl CustomOp2 for ConvGemm {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, cin, h, wd) = xl.shape().dims4()?;
+        let (cout, cin_w, kh, kw) = wl.shape().dims4()?;
+        if cin_w != cin {
+            bail!(
+                "conv2d: weight {:?} does not fit input {:?}",
+                wl.dims(),
+                xl.dims()
+            )
+        }
+        let x = f32_slice(self.name(), xs, xl)?;
+        let k = f32_slice(self.name(), ws, wl)?;
+        let p = Patches::new((h, wd), (kh, kw), &self.geom)?;
+        let (kk, l, hw) = (cin * p.taps(), p.ho * p.wo, h * wd);
+        let mut out = vec![0f32; n * cout * l];
+        if out.is_empty() || kk == 0 {
+            return Ok((CpuStorage::F32(out), Shape::from((n, cout, p.ho, p.wo))));
+        }
+        // Even chunks of whole output rows, each at most CHUNK_ELEMS (or one row) of columns.
+        let chunks = (kk * l).div_ceil(CHUNK_ELEMS).clamp(1, p.ho);
+        let rows = p.ho.div_ceil(chunks);
+        let parallelism = match threads() {
+            1 => gemm::Parallelism::None,
+            t => gemm::Parallelism::Rayon(t),
+        };
+        let mut buf = SCRATCH.take();
+        let need = kk * rows * p.wo;
+        if buf.len() < need {
+            buf = vec![0f32; need];
+        }
+        for b in 0..n {
+            let xb = &x[b * cin * hw..(b + 1) * cin * hw];
+            let ob = &mut out[b * cout * l..(b + 1) * cout * l];
+            for oy0 in (0..p.ho).step_by(rows) {
+                let oy1 = (oy0 + rows).min(p.ho);
+                let len = (oy1 - oy0) * p.wo;
+                let cols = &mut buf[..kk * len];
+                fill_rows(xb, &p, oy0, oy1, cols);
+                let dst = &mut ob[oy0 * p.wo..];
+                // SAFETY: lhs is the `cout x kk` row-major weight matrix (`k.len() == cout *
+                // kk`), rhs the `kk x len` row-major chunk just filled, and dst addresses rows
+                // `r * l + [0, len)` for r < cout of `dst`, which ends at
+                // `(cout - 1) * l + len <= dst.len()` since `oy0 * wo + len <= l`.
+                unsafe {
+                    gemm::gemm(
+                        cout,
+                        len,
+                        kk,
+                        dst.as_mut_ptr(),
+                        1,
+                        l as isize,
+                        false,
+                        k.as_ptr(),
+                        1,
+                        kk as isize,
+                        cols.as_ptr(),
+                        1,
+                        len as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    )
+                }
+            }
+        }
+        SCRATCH.set(buf);
+        Ok((CpuStorage::F32(out), Shape::from((n, cout, p.ho, p.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, cin, h, wd) = x.dims4()?;
+        let (cout, _, kh, kw) = w.dims4()?;
+        let (_, _, ho, wo) = grad.dims4()?;
+        let g = grad.detach().contiguous()?.reshape((n, cout, ho * wo))?;
+        // Only what some variable depends on is computed: the stem's input image, for one,
+        // needs no gradient.
+        let dw = if w.track_op() {
+            let cols = im2col(&x.detach(), (kh, kw), &self.geom)?;
+            let dw = g.matmul(&cols.t()?)?;
+            let dw = if n == 1 { dw.squeeze(0)? } else { dw.sum(0)? };
+            Some(dw.reshape((cout, cin, kh, kw))?)
+        } else {
+            None
+        };
+        let dx = if x.track_op() {
+            let w2 = w.detach().reshape((cout, cin * kh * kw))?;
+            let dcols = w2.t()?.broadcast_left(n)?.matmul(&g)?;
+            Some(col2im(&dcols, (h, wd), (kh, kw), &self.geom)?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// [`ConvGemm`] on f32, or through f32 for f16 and bf16.
+fn conv_gemm(x: &Tensor, w: &Tensor, geom: &Conv2dGeometry) -> Result<Tensor> {
+    let op = ConvGemm { geom: *geom };
+    let w32 = w.to_dtype(DType::F32)?.contiguous()?;
+    match x.dtype() {
+        DType::F32 => x.contiguous()?.apply_op2(&w32, op),
+        _ => x
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op2(&w32, op)?
+            .to_dtype(x.dtype()),
+    }
+}
 
 /// 2-D convolution of an NCHW tensor with weights `[Cout, Cin / groups, kh, kw]`, optional bias
-/// `[Cout]`, and any [`Conv2dGeometry`] (equal strides and dilations on both axes).
+/// `[Cout]`, and any [`Conv2dGeometry`], with gradients for input, weight and bias.
+///
+/// On the CPU with one group (f32, f16, bf16) it runs as im2col + gemm, for any stride, dilation
+/// and asymmetric padding; grouped convolutions, f64 and other devices go through candle's
+/// conv2d, which needs equal strides and dilations on both axes.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use deeplab_ops::{conv2d, Conv2dGeometry};
+/// let x = Tensor::ones((1, 3, 10, 9), DType::F32, &Device::Cpu)?;
+/// let w = Tensor::ones((8, 3, 3, 3), DType::F32, &Device::Cpu)?;
+/// // TF DeepLab's strided convolution: fixed padding (1, 1), stride 2.
+/// let y = conv2d(&x, &w, None, &Conv2dGeometry::deeplab(3, 2, 1), 1)?;
+/// assert_eq!(y.dims(), &[1, 8, 5, 5]);
+/// assert_eq!(y.get(0)?.get(0)?.get(2)?.get(2)?.to_scalar::<f32>()?, 27.0);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -47,6 +221,11 @@ pub fn conv2d(
         wm.broadcast_left(n)?
             .matmul(&x.reshape((n, cin, h * wd))?)?
             .reshape((n, cout, h, wd))?
+    } else if groups == 1
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+    {
+        conv_gemm(x, w, geom)?
     } else {
         if geom.stride.0 != geom.stride.1 || geom.dilation.0 != geom.dilation.1 {
             bail!("conv2d: candle needs equal strides and dilations on both axes, got {geom:?}")

@@ -1,18 +1,38 @@
-//! Atrous (dilated) depthwise convolution, forward and backward, with a fast CPU kernel.
+//! Atrous (dilated) depthwise convolution, forward and backward, with a fast CPU kernel, and
+//! the fused inference variant `act(conv(relu?(x)) + bias)`.
 //!
-//! candle runs `conv2d(groups = C)` as C separate tiny convolutions; this op computes one
-//! channel plane per task instead. Each plane is copied once into a zero-padded scratch buffer
-//! whose columns are split by stride phase, so every kernel tap reads a contiguous slice of
-//! the scratch and the inner loops are plain slice arithmetic that LLVM vectorizes (compiled for
-//! AVX-512 / AVX2 and selected at run time). 3x3 kernels accumulate all nine taps in registers
-//! and store each output once.
+//! candle runs `conv2d(groups = C)` as C separate tiny convolutions; this op computes runs of
+//! channel planes per thread instead, writing an output that is never zero-filled first.
+//!
+//! - 3x3 at stride 1 (the hot path, any dilation and padding) on AVX-512 reads the input
+//!   plane directly: rows outside the plane are skipped and the lanes of each 16-wide load
+//!   that fall into the left / right padding are masked off, so there is no padded copy.
+//!   Up to eight output rows `dy` apart are computed together, sharing each loaded input
+//!   vector between the (up to three) rows whose taps read it, and the next plane is
+//!   prefetched while the current one is computed.
+//! - Every other case copies each plane once into a zero-padded scratch (zeroed once per
+//!   thread; only the input positions are rewritten) whose columns are split by stride phase,
+//!   so every tap reads a contiguous slice; AVX-512 loops with a masked last vector, or plain
+//!   slice arithmetic that LLVM vectorizes (compiled for AVX2 / baseline, picked at run time).
 //!
 //! Weights use PyTorch's layout `[C, 1, kh, kw]` (channel multiplier 1).
 
+use crate::batch_norm::Activation;
 use crate::cpu::{f32_slice, has_kernel, threads};
 use crate::geometry::{Conv2dGeometry, Padding2d};
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// `act(v)` for one value.
+#[inline(always)]
+fn activate(act: Activation, v: f32) -> f32 {
+    match act {
+        Activation::None => v,
+        Activation::Relu => v.max(0.0),
+        Activation::Relu6 => v.clamp(0.0, 6.0),
+    }
+}
 
 /// Sizes of one plane's convolution and of its padded, phase-split scratch buffer.
 #[derive(Clone, Copy, Debug)]
@@ -76,29 +96,74 @@ impl Plan {
         j.checked_sub(self.pl).filter(|&x| x < self.w)
     }
 
-    /// Copies one input plane into the padded phase-split scratch.
+    /// Copies one input plane into the padded phase-split scratch, clamped at 0 when `relu`.
+    ///
+    /// Only the positions that hold input values are written: the padding of `buf` must be zero
+    /// already. Every plane of a plan writes the same positions, so a scratch zeroed once serves
+    /// any number of planes.
     #[inline(always)]
-    fn fill(&self, src: &[f32], buf: &mut [f32]) {
-        buf.fill(0.0);
-        let (lo, hi) = (self.pl, self.pl + self.w);
-        for r in 0..self.hp {
-            let Some(iy) = r.checked_sub(self.pt).filter(|&y| y < self.h) else {
-                continue;
-            };
-            let row = &src[iy * self.w..(iy + 1) * self.w];
-            if self.sx == 1 {
-                let end = hi.min(self.wq);
-                if end > lo {
-                    buf[r * self.wq + lo..r * self.wq + end].copy_from_slice(&row[..end - lo]);
+    fn fill(&self, src: &[f32], buf: &mut [f32], relu: bool) {
+        let rows = self.pt.min(self.hp)..(self.pt + self.h).min(self.hp);
+        if self.sx == 1 {
+            let end = (self.pl + self.w).min(self.wq);
+            if end <= self.pl {
+                return;
+            }
+            let n = end - self.pl;
+            for r in rows {
+                let row = &src[(r - self.pt) * self.w..][..n];
+                let dst = &mut buf[r * self.wq + self.pl..][..n];
+                #[cfg(target_arch = "x86_64")]
+                if crate::cpu::has_avx512() {
+                    // SAFETY: the CPU reports AVX-512F.
+                    unsafe { avx512::copy_row(row, dst, relu) };
+                    continue;
                 }
+                if relu {
+                    for (d, v) in dst.iter_mut().zip(row) {
+                        *d = v.max(0.0);
+                    }
+                } else {
+                    dst.copy_from_slice(row);
+                }
+            }
+            return;
+        }
+        for r in rows {
+            let row = &src[(r - self.pt) * self.w..(r - self.pt + 1) * self.w];
+            #[cfg(target_arch = "x86_64")]
+            if self.sx == 2 && crate::cpu::has_avx512() {
+                // Input column 2m lands in phase `pl % 2` at m + pl / 2, column 2m + 1 in the
+                // other phase at m + (pl + 1) / 2.
+                let (qe, qo) = (self.pl / 2, self.pl.div_ceil(2));
+                let ne = self.w.div_ceil(2).min(self.wq.saturating_sub(qe));
+                let no = (self.w / 2).min(self.wq.saturating_sub(qo));
+                let (p0, p1) = buf[r * 2 * self.wq..(r + 1) * 2 * self.wq].split_at_mut(self.wq);
+                let (de, dodd) = if self.pl.is_multiple_of(2) {
+                    (p0, p1)
+                } else {
+                    (p1, p0)
+                };
+                let (de, dodd) = (&mut de[qe.min(self.wq)..], &mut dodd[qo.min(self.wq)..]);
+                // SAFETY: the CPU reports AVX-512F.
+                unsafe { avx512::deinterleave(row, &mut de[..ne], &mut dodd[..no], relu) };
                 continue;
             }
             for ph in 0..self.sx {
                 let dst = &mut buf[(r * self.sx + ph) * self.wq..(r * self.sx + ph + 1) * self.wq];
-                for (q, d) in dst.iter_mut().enumerate() {
-                    if let Some(ix) = self.src_col(q * self.sx + ph) {
-                        *d = row[ix];
-                    }
+                // Phase column q holds input column q * sx + ph - pl: the valid q are a range.
+                let q0 = self.pl.saturating_sub(ph).div_ceil(self.sx);
+                let q1 = (self.pl + self.w)
+                    .saturating_sub(ph)
+                    .div_ceil(self.sx)
+                    .min(self.wq);
+                if q1 <= q0 {
+                    continue;
+                }
+                let first = q0 * self.sx + ph - self.pl;
+                let cols = row[first..].iter().step_by(self.sx);
+                for (d, &v) in dst[q0..q1].iter_mut().zip(cols) {
+                    *d = if relu { v.max(0.0) } else { v };
                 }
             }
         }
@@ -124,10 +189,61 @@ impl Plan {
         }
     }
 
-    /// Forward of one plane from its filled scratch.
+    /// Offsets of every tap relative to the first tap of output row 0 (row-major taps), and
+    /// the scratch distance between consecutive output rows.
+    fn taps(&self) -> (Vec<usize>, usize) {
+        let rel = (0..self.kh)
+            .flat_map(|ky| (0..self.kw).map(move |kx| (ky, kx)))
+            .map(|(ky, kx)| self.tap_offset(0, ky, kx))
+            .collect();
+        (rel, self.sy * self.sx * self.wq)
+    }
+
+    /// Forward of one plane from its filled scratch: `act(conv + bias)`, every output written.
     #[inline(always)]
-    fn forward(&self, buf: &[f32], k: &[f32], out: &mut [f32]) {
+    fn forward(
+        &self,
+        buf: &[f32],
+        taps: &(Vec<usize>, usize),
+        k: &[f32],
+        bias: f32,
+        act: Activation,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::has_avx512() {
+            let (rel, step) = (taps.0.as_slice(), taps.1);
+            // SAFETY: the CPU reports AVX-512F.
+            unsafe {
+                if let Ok(rel9) = <&[usize; 9]>::try_from(rel) {
+                    avx512::plane::<9>(buf, rel9, k, step, self.wo, bias, act, out);
+                } else {
+                    avx512::plane_any(buf, rel, k, step, self.wo, bias, act, out);
+                }
+            }
+            return;
+        }
+        let _ = taps;
+        self.forward_portable(buf, k, bias, act, out)
+    }
+
+    /// [`Plan::forward`] in plain Rust (auto-vectorized under `multiversion!`): the path of
+    /// CPUs without AVX-512.
+    #[inline(always)]
+    fn forward_portable(
+        &self,
+        buf: &[f32],
+        k: &[f32],
+        bias: f32,
+        act: Activation,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         let wo = self.wo;
+        let mut acc = if self.kh == 3 && self.kw == 3 {
+            Vec::new()
+        } else {
+            vec![0f32; wo]
+        };
         for (oy, orow) in out.chunks_exact_mut(wo).enumerate() {
             if self.kh == 3 && self.kw == 3 {
                 let s = |ky, kx| &buf[self.tap_offset(oy, ky, kx)..][..wo];
@@ -135,7 +251,7 @@ impl Plan {
                 let (a3, a4, a5) = (s(1, 0), s(1, 1), s(1, 2));
                 let (a6, a7, a8) = (s(2, 0), s(2, 1), s(2, 2));
                 for i in 0..wo {
-                    let mut v = a0[i] * k[0];
+                    let mut v = a0[i].mul_add(k[0], bias);
                     v = a1[i].mul_add(k[1], v);
                     v = a2[i].mul_add(k[2], v);
                     v = a3[i].mul_add(k[3], v);
@@ -143,18 +259,21 @@ impl Plan {
                     v = a5[i].mul_add(k[5], v);
                     v = a6[i].mul_add(k[6], v);
                     v = a7[i].mul_add(k[7], v);
-                    orow[i] = a8[i].mul_add(k[8], v);
+                    orow[i].write(activate(act, a8[i].mul_add(k[8], v)));
                 }
             } else {
-                orow.fill(0.0);
+                acc.fill(bias);
                 for ky in 0..self.kh {
                     for kx in 0..self.kw {
                         let a = &buf[self.tap_offset(oy, ky, kx)..][..wo];
                         let kv = k[ky * self.kw + kx];
-                        for (o, x) in orow.iter_mut().zip(a) {
+                        for (o, x) in acc.iter_mut().zip(a) {
                             *o = x.mul_add(kv, *o);
                         }
                     }
+                }
+                for (o, &v) in orow.iter_mut().zip(&acc) {
+                    o.write(activate(act, v));
                 }
             }
         }
@@ -221,6 +340,77 @@ fn check_shapes(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, usize, u
     Ok((n, c, h, wd, kh, kw))
 }
 
+/// The forward on contiguous f32 data: `act(conv(input_relu ? relu(x) : x, k) + bias[c])` for
+/// `n x c` planes, split into a few contiguous runs of planes per thread, each with one scratch.
+fn forward_cpu(
+    x: &[f32],
+    k: &[f32],
+    bias: Option<&[f32]>,
+    (n, c): (usize, usize),
+    p: &Plan,
+    input_relu: bool,
+    act: Activation,
+) -> Vec<f32> {
+    let (in_len, out_len, k_len) = (p.h * p.w, p.ho * p.wo, p.kh * p.kw);
+    let planes = n * c;
+    let len = planes * out_len;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
+    let per = planes.div_ceil(threads() * 4).max(1);
+    #[cfg(target_arch = "x86_64")]
+    if p.kh == 3 && p.kw == 3 && p.sy == 1 && p.sx == 1 && crate::cpu::has_avx512() {
+        let d = avx512::Direct::new((p.h, p.w), (p.ho, p.wo), (p.pt, p.pl), (p.dy, p.dx));
+        let body = |task: usize, chunk: &mut [MaybeUninit<f32>]| {
+            let count = chunk.len() / out_len;
+            for (i, o) in chunk.chunks_exact_mut(out_len).enumerate() {
+                let plane = task * per + i;
+                let ch = plane % c;
+                let src = &x[plane * in_len..][..in_len];
+                let kk = &k[ch * k_len..][..k_len];
+                let b = bias.map_or(0.0, |b| b[ch]);
+                let next = if i + 1 < count {
+                    &x[(plane + 1) * in_len..][..in_len]
+                } else {
+                    &[]
+                };
+                // SAFETY: the CPU reports AVX-512F.
+                unsafe { d.plane(src, next, kk, b, input_relu, act, o) };
+            }
+        };
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(per * out_len)
+            .enumerate()
+            .for_each(|(task, chunk)| body(task, chunk));
+        // SAFETY: `Direct::plane` wrote every value of every plane.
+        unsafe { out.set_len(len) };
+        return out;
+    }
+    let taps = p.taps();
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(per * out_len)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            // Zeroed once: `fill` only ever writes the input positions.
+            let mut buf = vec![0f32; p.scratch_len()];
+            for (i, o) in chunk.chunks_exact_mut(out_len).enumerate() {
+                let plane = task * per + i;
+                let ch = plane % c;
+                let src = &x[plane * in_len..][..in_len];
+                let kk = &k[ch * k_len..][..k_len];
+                let b = bias.map_or(0.0, |b| b[ch]);
+                multiversion!(|| {
+                    p.fill(src, &mut buf, input_relu);
+                    p.forward(&buf, &taps, kk, b, act, o);
+                })
+            }
+        });
+    // SAFETY: `forward` wrote every value of every plane (each row of each plane, in full).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Forward op on `(x, weight)`.
 struct DwFwd {
     geom: Conv2dGeometry,
@@ -242,21 +432,8 @@ impl CustomOp2 for DwFwd {
         let x = f32_slice(self.name(), xs, xl)?;
         let k = f32_slice(self.name(), ws, wl)?;
         let p = Plan::new((h, w), (kh, kw), &self.geom)?;
-        let (ho, wo) = (p.ho, p.wo);
-        let mut out = vec![0f32; n * c * ho * wo];
-        out.par_chunks_mut(ho * wo).enumerate().for_each_init(
-            || vec![0f32; p.scratch_len()],
-            |buf, (plane, o)| {
-                let ch = plane % c;
-                let src = &x[plane * h * w..(plane + 1) * h * w];
-                let kk = &k[ch * kh * kw..(ch + 1) * kh * kw];
-                multiversion!(|| {
-                    p.fill(src, buf);
-                    p.forward(buf, kk, o);
-                })
-            },
-        );
-        Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
+        let out = forward_cpu(x, k, None, (n, c), &p, false, Activation::None);
+        Ok((CpuStorage::F32(out), Shape::from((n, c, p.ho, p.wo))))
     }
 
     #[cfg(feature = "cuda")]
@@ -361,18 +538,22 @@ impl CustomOp2 for DwBwdInput {
             )
         }
         let mut out = vec![0f32; n * c * h * w];
-        out.par_chunks_mut(h * w).enumerate().for_each_init(
-            || vec![0f32; p.scratch_len()],
-            |buf, (plane, dx)| {
-                let ch = plane % c;
-                let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
-                let kk = &k[ch * kh * kw..(ch + 1) * kh * kw];
-                multiversion!(|| {
-                    p.backward_input(gp, kk, buf);
-                    p.unfill(buf, dx);
-                })
-            },
-        );
+        let per = (n * c).div_ceil(threads() * 4).max(1);
+        out.par_chunks_mut(per * h * w)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let mut buf = vec![0f32; p.scratch_len()];
+                for (i, dx) in chunk.chunks_exact_mut(h * w).enumerate() {
+                    let plane = task * per + i;
+                    let ch = plane % c;
+                    let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
+                    let kk = &k[ch * kh * kw..(ch + 1) * kh * kw];
+                    multiversion!(|| {
+                        p.backward_input(gp, kk, &mut buf);
+                        p.unfill(&buf, dx);
+                    })
+                }
+            });
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }
 
@@ -421,25 +602,29 @@ impl CustomOp2 for DwBwdWeight {
         }
         let kk = kh * kw;
         let mut out = vec![0f32; c * kk];
-        let _ = threads();
-        out.par_chunks_mut(kk).enumerate().for_each_init(
-            || vec![0f32; p.scratch_len()],
-            |buf, (ch, dk)| {
-                let mut acc = vec![0f64; kk];
-                for b in 0..n {
-                    let plane = b * c + ch;
-                    let src = &x[plane * h * w..(plane + 1) * h * w];
-                    let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
-                    multiversion!(|| {
-                        p.fill(src, buf);
-                        p.backward_weight(buf, gp, &mut acc);
-                    })
+        let per = c.div_ceil(threads() * 4).max(1);
+        out.par_chunks_mut(per * kk)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                // Zeroed once: `fill` only ever writes the input positions.
+                let mut buf = vec![0f32; p.scratch_len()];
+                for (i, dk) in chunk.chunks_exact_mut(kk).enumerate() {
+                    let ch = task * per + i;
+                    let mut acc = vec![0f64; kk];
+                    for b in 0..n {
+                        let plane = b * c + ch;
+                        let src = &x[plane * h * w..(plane + 1) * h * w];
+                        let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
+                        multiversion!(|| {
+                            p.fill(src, &mut buf, false);
+                            p.backward_weight(&buf, gp, &mut acc);
+                        })
+                    }
+                    for (d, a) in dk.iter_mut().zip(&acc) {
+                        *d = *a as f32;
+                    }
                 }
-                for (d, a) in dk.iter_mut().zip(&acc) {
-                    *d = *a as f32;
-                }
-            },
-        );
+            });
         Ok((CpuStorage::F32(out), Shape::from((c, 1, kh, kw))))
     }
 
@@ -491,5 +676,799 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: &Conv2dGeometry) -> Result
             y.to_dtype(x.dtype())
         }
         dt => bail!("depthwise_conv2d: unsupported dtype {dt:?}"),
+    }
+}
+
+/// Inference forward `act(conv(input_relu ? relu(x) : x, w) + bias[c])` in one pass, on
+/// `(x, weight, bias)`.
+struct DwFused {
+    geom: Conv2dGeometry,
+    input_relu: bool,
+    act: Activation,
+}
+
+impl CustomOp3 for DwFused {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w, kh, kw) = check_shapes(xl, wl)?;
+        let x = f32_slice(self.name(), xs, xl)?;
+        let k = f32_slice(self.name(), ws, wl)?;
+        let b = f32_slice(self.name(), bs, bl)?;
+        if b.len() != c {
+            bail!(
+                "depthwise_conv2d_fused: bias {:?} does not fit {c} channels",
+                bl.dims()
+            )
+        }
+        let p = Plan::new((h, w), (kh, kw), &self.geom)?;
+        let out = forward_cpu(x, k, Some(b), (n, c), &p, self.input_relu, self.act);
+        Ok((CpuStorage::F32(out), Shape::from((n, c, p.ho, p.wo))))
+    }
+
+    /// The chain rule through the activation, the convolution and the input ReLU, on
+    /// [`depthwise_conv2d`]'s backward kernels.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mask = |m: Tensor| m.to_dtype(grad.dtype());
+        let grad = match self.act {
+            Activation::None => grad.clone(),
+            Activation::Relu => (grad * mask(res.gt(0f32)?)?)?,
+            Activation::Relu6 => ((grad * mask(res.gt(0f32)?)?)? * mask(res.lt(6f32)?)?)?,
+        };
+        let xr = if self.input_relu {
+            x.relu()?
+        } else {
+            x.clone()
+        };
+        let (dx, dw) = DwFwd { geom: self.geom }.bwd(&xr, w, res, &grad)?;
+        let dx = match dx {
+            Some(d) if self.input_relu => Some((d * mask(x.gt(0f32)?)?)?),
+            d => d,
+        };
+        let db = grad.sum((0, 2, 3))?;
+        Ok((dx, dw, Some(db)))
+    }
+}
+
+/// `act(depthwise_conv2d(input_relu ? relu(x) : x, w) + bias[c])` in one pass over the data:
+/// the input ReLU is applied while the kernel reads its input, the per-channel bias and the
+/// activation when it stores its output. This is the inference path of a depthwise
+/// convolution followed by a folded BatchNorm (`w` and `bias` carrying the BN scale and shift)
+/// and an optional activation, with the ReLU that Xception's entry and middle flows put before
+/// each separable convolution.
+///
+/// `bias`, when present, has shape `[C]`. Gradients flow to `x`, `w` and `bias` (computed on
+/// [`depthwise_conv2d`]'s backward kernels), though the op is meant for inference. Non-CPU
+/// devices run the unfused composition (on the GPU depthwise kernel where there is one).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use deeplab_ops::{depthwise_conv2d_fused, Activation, Conv2dGeometry};
+/// let x = Tensor::new(&[[[[-1f32, 2.], [3., -4.]]]], &Device::Cpu)?;
+/// let w = Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu)?;
+/// let b = Tensor::new(&[-2.5f32], &Device::Cpu)?;
+/// let g = Conv2dGeometry::default();
+/// let y = depthwise_conv2d_fused(&x, &w, Some(&b), true, Activation::Relu, &g)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [0., 0., 0.5, 0.]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn depthwise_conv2d_fused(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    input_relu: bool,
+    act: Activation,
+    geom: &Conv2dGeometry,
+) -> Result<Tensor> {
+    check_shapes(x.layout(), w.layout())?;
+    let (_, c, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    geom.output_size((h, wd), (kh, kw))?;
+    if let Some(b) = bias {
+        if b.dims() != [c] {
+            bail!(
+                "depthwise_conv2d_fused: bias {:?} does not fit input {:?} (expected [{c}])",
+                b.dims(),
+                x.dims()
+            )
+        }
+    }
+    if !x.device().is_cpu() {
+        let xr = if input_relu { x.relu()? } else { x.clone() };
+        let y = depthwise_conv2d(&xr, w, geom)?;
+        let y = match bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, c, 1, 1))?)?,
+            None => y,
+        };
+        return act.apply(&y);
+    }
+    let op = DwFused {
+        geom: *geom,
+        input_relu,
+        act,
+    };
+    let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let b = match bias {
+        Some(b) => f32c(b)?,
+        None => Tensor::zeros(c, DType::F32, x.device())?,
+    };
+    match x.dtype() {
+        DType::F32 => x.contiguous()?.apply_op3(&f32c(w)?, &b, op),
+        DType::F16 | DType::BF16 | DType::F64 => {
+            f32c(x)?.apply_op3(&f32c(w)?, &b, op)?.to_dtype(x.dtype())
+        }
+        dt => bail!("depthwise_conv2d_fused: unsupported dtype {dt:?}"),
+    }
+}
+
+/// Explicit AVX-512 loops for the forward: 16 output columns per vector, the row's last
+/// partial vector under a mask (no scalar tail), bias and activation applied at the store.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Activation;
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// The first `n` (0..=16) lanes.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// `dst = relu ? max(src, 0) : src`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn copy_row(src: &[f32], dst: &mut [f32], relu: bool) {
+        let n = src.len().min(dst.len());
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        let zero = _mm512_setzero_ps();
+        let mut i = 0;
+        // SAFETY: every access is within the first `n` values of both slices (the tail masked).
+        unsafe {
+            while i + 16 <= n {
+                let mut v = _mm512_loadu_ps(s.add(i));
+                if relu {
+                    v = _mm512_max_ps(v, zero);
+                }
+                _mm512_storeu_ps(d.add(i), v);
+                i += 16;
+            }
+            if i < n {
+                let m = lanes(n - i);
+                let mut v = _mm512_maskz_loadu_ps(m, s.add(i));
+                if relu {
+                    v = _mm512_max_ps(v, zero);
+                }
+                _mm512_mask_storeu_ps(d.add(i), m, v);
+            }
+        }
+    }
+
+    /// `even[m] = src[2m]`, `odd[m] = src[2m + 1]` (clamped at 0 when `relu`) for the `m`
+    /// each destination holds; `src` must cover them.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn deinterleave(src: &[f32], even: &mut [f32], odd: &mut [f32], relu: bool) {
+        assert!(
+            even.len() <= src.len().div_ceil(2) && odd.len() <= src.len() / 2,
+            "deinterleave: {} values cannot fill {} + {}",
+            src.len(),
+            even.len(),
+            odd.len()
+        );
+        let (ie, io) = {
+            let (mut e, mut o) = ([0i32; 16], [0i32; 16]);
+            for l in 0..16 {
+                e[l] = 2 * l as i32;
+                o[l] = 2 * l as i32 + 1;
+            }
+            // SAFETY: 16 i32 are 64 bytes.
+            unsafe {
+                (
+                    _mm512_loadu_si512(e.as_ptr() as *const _),
+                    _mm512_loadu_si512(o.as_ptr() as *const _),
+                )
+            }
+        };
+        let zero = _mm512_setzero_ps();
+        let n = even.len().max(odd.len());
+        let mut m = 0;
+        while m < n {
+            let left = src.len() - 2 * m;
+            let p = src.as_ptr().wrapping_add(2 * m);
+            // SAFETY: the masks keep every load inside `src` and every store inside its
+            // destination (whose lengths the assert bounds).
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(lanes(left.min(16)), p);
+                let hi = _mm512_maskz_loadu_ps(
+                    lanes(left.saturating_sub(16).min(16)),
+                    p.wrapping_add(16),
+                );
+                let (mut e, mut o) = (
+                    _mm512_permutex2var_ps(lo, ie, hi),
+                    _mm512_permutex2var_ps(lo, io, hi),
+                );
+                if relu {
+                    e = _mm512_max_ps(e, zero);
+                    o = _mm512_max_ps(o, zero);
+                }
+                let me = lanes(even.len().saturating_sub(m).min(16));
+                let mo = lanes(odd.len().saturating_sub(m).min(16));
+                _mm512_mask_storeu_ps(even.as_mut_ptr().wrapping_add(m), me, e);
+                _mm512_mask_storeu_ps(odd.as_mut_ptr().wrapping_add(m), mo, o);
+            }
+            m += 16;
+        }
+    }
+
+    /// Checks that every tap of every output row reads inside `buf`, so the loops below can use
+    /// unchecked vector loads.
+    fn check(buf: &[f32], rel: &[usize], k: &[f32], step: usize, wo: usize, out_len: usize) {
+        let ho = out_len.checked_div(wo).unwrap_or(0);
+        let last = rel.iter().max().copied().unwrap_or(0);
+        assert!(
+            wo > 0
+                && out_len == ho * wo
+                && k.len() == rel.len()
+                && (ho == 0 || (ho - 1) * step + last + wo <= buf.len()),
+            "depthwise kernel: scratch of {} too small for {ho}x{wo} outputs",
+            buf.len()
+        );
+    }
+
+    /// Applies `act` to a vector (`A`: 0 none, 1 ReLU, 2 ReLU6).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn activate<const A: u8>(v: __m512) -> __m512 {
+        match A {
+            0 => v,
+            1 => _mm512_max_ps(v, _mm512_setzero_ps()),
+            _ => _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(6.0)),
+        }
+    }
+
+    /// A 3x3 kernel at stride 1 straight from the input plane, no scratch: the padding is
+    /// handled by skipping input rows outside the plane and by masking the lanes of each load
+    /// that fall left or right of it. Output rows are register-blocked: the [`ROWS`] rows `oy`,
+    /// `oy + dy`, ... read `ROWS + 2` input rows between them, so each loaded vector feeds up
+    /// to three accumulators (30 loads per 72 FMAs per 16 columns instead of 72 loads).
+    pub(super) struct Direct {
+        h: usize,
+        w: usize,
+        ho: usize,
+        wo: usize,
+        pt: usize,
+        pl: usize,
+        dy: usize,
+        dx: usize,
+        /// Per 16-column output chunk: the lanes tap column `kx` may load (inside the input
+        /// row and left of `wo`).
+        load: Vec<[__mmask16; 3]>,
+        /// Per chunk: the lanes left of `wo`.
+        store: Vec<__mmask16>,
+    }
+
+    impl Direct {
+        /// The plan of a 3x3 stride-1 convolution of an `h x w` plane giving `ho x wo`, with
+        /// top / left padding `pt` / `pl` and dilation `(dy, dx)`.
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn new(
+            (h, w): (usize, usize),
+            (ho, wo): (usize, usize),
+            (pt, pl): (usize, usize),
+            (dy, dx): (usize, usize),
+        ) -> Self {
+            let chunks = wo.div_ceil(16);
+            let lane_ok = |col: usize, kx: usize| {
+                col < wo && (col + kx * dx).checked_sub(pl).is_some_and(|ix| ix < w)
+            };
+            let mask = |f: &dyn Fn(usize) -> bool| {
+                (0..16).fold(0u16, |m, l| if f(l) { m | 1 << l } else { m })
+            };
+            let load = (0..chunks)
+                .map(|c| {
+                    let m = |kx| mask(&|l| lane_ok(16 * c + l, kx));
+                    [m(0), m(1), m(2)]
+                })
+                .collect();
+            let store = (0..chunks).map(|c| mask(&|l| 16 * c + l < wo)).collect();
+            Self {
+                h,
+                w,
+                ho,
+                wo,
+                pt,
+                pl,
+                dy,
+                dx,
+                load,
+                store,
+            }
+        }
+
+        /// `out = act(conv(relu ? max(src, 0) : src, k) + bias)` for one plane, prefetching
+        /// `next` (the next plane's input, if any) into L1 along the way.
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn plane(
+            &self,
+            src: &[f32],
+            next: &[f32],
+            k: &[f32],
+            bias: f32,
+            relu: bool,
+            act: Activation,
+            out: &mut [MaybeUninit<f32>],
+        ) {
+            assert!(
+                src.len() == self.h * self.w && out.len() == self.ho * self.wo && k.len() == 9,
+                "depthwise kernel: plane sizes do not match the plan"
+            );
+            let mut kv = [_mm512_setzero_ps(); 9];
+            for (v, &w) in kv.iter_mut().zip(k) {
+                *v = _mm512_set1_ps(w);
+            }
+            let (sp, op) = (src.as_ptr(), out.as_mut_ptr() as *mut f32);
+            // About as many cache lines of the next plane per block as there are blocks.
+            let per_block = next
+                .len()
+                .div_ceil(16)
+                .div_ceil(self.ho.div_ceil(ROWS).max(1));
+            let mut pf = Prefetch {
+                lines: next.chunks(16),
+                per_block,
+            };
+            let pf = &mut pf;
+            // SAFETY: loads read only input rows inside the plane and, through the masks,
+            // only its columns; stores are masked to the `wo` columns of rows below `ho`.
+            unsafe {
+                match (relu, act) {
+                    (false, Activation::None) => self.blocks::<0, false>(sp, op, &kv, bias, pf),
+                    (false, Activation::Relu) => self.blocks::<1, false>(sp, op, &kv, bias, pf),
+                    (false, Activation::Relu6) => self.blocks::<2, false>(sp, op, &kv, bias, pf),
+                    (true, Activation::None) => self.blocks::<0, true>(sp, op, &kv, bias, pf),
+                    (true, Activation::Relu) => self.blocks::<1, true>(sp, op, &kv, bias, pf),
+                    (true, Activation::Relu6) => self.blocks::<2, true>(sp, op, &kv, bias, pf),
+                }
+            }
+        }
+
+        /// Every output row once, in blocks of up to three rows `dy` apart.
+        ///
+        /// # Safety
+        /// As [`Direct::plane`], after its checks.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn blocks<const A: u8, const IR: bool>(
+            &self,
+            sp: *const f32,
+            op: *mut f32,
+            kv: &[__m512; 9],
+            bias: f32,
+            pf: &mut Prefetch,
+        ) {
+            let (dy, ho) = (self.dy, self.ho);
+            // SAFETY: every block's rows are below `ho`.
+            unsafe {
+                for first in 0..dy.min(ho) {
+                    let mut oy = first;
+                    while oy + (ROWS - 1) * dy < ho {
+                        self.block::<ROWS, A, IR>(sp, op, kv, bias, oy);
+                        pf.some();
+                        oy += ROWS * dy;
+                    }
+                    // The class's last rows.
+                    match ho.saturating_sub(oy).div_ceil(dy) {
+                        0 => {}
+                        1 => self.block::<1, A, IR>(sp, op, kv, bias, oy),
+                        2 => self.block::<2, A, IR>(sp, op, kv, bias, oy),
+                        3 => self.block::<3, A, IR>(sp, op, kv, bias, oy),
+                        4 => self.block::<4, A, IR>(sp, op, kv, bias, oy),
+                        5 => self.block::<5, A, IR>(sp, op, kv, bias, oy),
+                        6 => self.block::<6, A, IR>(sp, op, kv, bias, oy),
+                        _ => self.block::<7, A, IR>(sp, op, kv, bias, oy),
+                    }
+                }
+            }
+        }
+
+        /// Output rows `oy + i dy`, `i < R`, all columns, two 16-column chunks at a time.
+        ///
+        /// # Safety
+        /// As [`Direct::plane`]; `oy + (R - 1) dy < ho`.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn block<const R: usize, const A: u8, const IR: bool>(
+            &self,
+            sp: *const f32,
+            op: *mut f32,
+            kv: &[__m512; 9],
+            bias: f32,
+            oy: usize,
+        ) {
+            let chunks = self.store.len();
+            let mut c = 0;
+            // SAFETY: forwarded; chunk indices stay below `chunks`.
+            unsafe {
+                while c + 1 < chunks {
+                    self.cols::<R, 2, A, IR>(sp, op, kv, bias, oy, c);
+                    c += 2;
+                }
+                if c < chunks {
+                    self.cols::<R, 1, A, IR>(sp, op, kv, bias, oy, c);
+                }
+            }
+        }
+
+        /// `V` 16-column chunks from chunk `c` of `R` output rows.
+        ///
+        /// # Safety
+        /// As [`Direct::block`]; `c + V <= chunks`.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn cols<const R: usize, const V: usize, const A: u8, const IR: bool>(
+            &self,
+            sp: *const f32,
+            op: *mut f32,
+            kv: &[__m512; 9],
+            bias: f32,
+            oy: usize,
+            c: usize,
+        ) {
+            let load: [[__mmask16; 3]; V] = std::array::from_fn(|v| self.load[c + v]);
+            let x = 16 * c;
+            let zero = _mm512_setzero_ps();
+            let mut acc = [[_mm512_set1_ps(bias); V]; R];
+            for j in 0..R + 2 {
+                // Input row of tap row `j - i` of output row `oy + i dy`; rows outside the
+                // plane are zero padding and contribute nothing.
+                let Some(iy) = (oy + j * self.dy)
+                    .checked_sub(self.pt)
+                    .filter(|&iy| iy < self.h)
+                else {
+                    continue;
+                };
+                // SAFETY: `iy < h`, so the row is inside `src`.
+                let row = unsafe { sp.add(iy * self.w) };
+                for kx in 0..3 {
+                    let off = (x + kx * self.dx) as isize - self.pl as isize;
+                    for v in 0..V {
+                        // The pointer may lie outside the row, but only the mask's lanes,
+                        // which are inside it, are read.
+                        let p = row.wrapping_offset(off + 16 * v as isize);
+                        // SAFETY: masked lanes are inside the row (see `Direct::new`).
+                        let mut val = unsafe { _mm512_maskz_loadu_ps(load[v][kx], p) };
+                        if IR {
+                            val = _mm512_max_ps(val, zero);
+                        }
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            if j >= i && j - i < 3 {
+                                a[v] = _mm512_fmadd_ps(val, kv[(j - i) * 3 + kx], a[v]);
+                            }
+                        }
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: row `oy + i dy < ho`; the store masks stop at `wo`.
+                unsafe {
+                    let o = op.add((oy + i * self.dy) * self.wo + x);
+                    for (v, &a) in a.iter().enumerate() {
+                        _mm512_mask_storeu_ps(o.add(16 * v), self.store[c + v], activate::<A>(a));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Output rows per register block of [`Direct`] (at most 8: the remainder blocks above
+    /// cover up to 7 rows).
+    const ROWS: usize = 8;
+    const _: () = assert!(ROWS >= 1 && ROWS <= 8);
+
+    /// The cache lines of the next plane still to prefetch.
+    struct Prefetch<'a> {
+        lines: std::slice::Chunks<'a, f32>,
+        per_block: usize,
+    }
+
+    impl Prefetch<'_> {
+        /// Prefetches the next `per_block` lines into L1.
+        #[inline(always)]
+        fn some(&mut self) {
+            for line in self.lines.by_ref().take(self.per_block) {
+                // SAFETY: a prefetch is a hint; the address is inside a live slice.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
+            }
+        }
+    }
+
+    /// One plane from the padded scratch with a fixed number of taps `T` (weights kept in
+    /// registers): output row `oy` tap `t` reads `wo` contiguous values at `oy * step + rel[t]`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane<const T: usize>(
+        buf: &[f32],
+        rel: &[usize; T],
+        k: &[f32],
+        step: usize,
+        wo: usize,
+        bias: f32,
+        act: Activation,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        check(buf, rel, k, step, wo, out.len());
+        let mut kv = [_mm512_setzero_ps(); T];
+        for (v, &w) in kv.iter_mut().zip(k) {
+            *v = _mm512_set1_ps(w);
+        }
+        // SAFETY: bounds checked by `check`; same CPU features.
+        unsafe {
+            match act {
+                Activation::None => rows::<T, 0>(buf, rel, &kv, step, wo, bias, out),
+                Activation::Relu => rows::<T, 1>(buf, rel, &kv, step, wo, bias, out),
+                Activation::Relu6 => rows::<T, 2>(buf, rel, &kv, step, wo, bias, out),
+            }
+        }
+    }
+
+    /// The loops of [`plane`].
+    ///
+    /// # Safety
+    /// AVX-512F, and the bounds [`check`] asserts.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows<const T: usize, const A: u8>(
+        buf: &[f32],
+        rel: &[usize; T],
+        kv: &[__m512; T],
+        step: usize,
+        wo: usize,
+        bias: f32,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let ho = out.len() / wo;
+        let (bp, op) = (buf.as_ptr(), out.as_mut_ptr() as *mut f32);
+        let bv = _mm512_set1_ps(bias);
+        let tail = lanes(wo % 16);
+        for oy in 0..ho {
+            // SAFETY: every load reads within `buf` (row `oy`, tap offsets, `wo` columns) and
+            // every store writes within row `oy` of `out`; the last partial vector is masked.
+            unsafe {
+                let base = bp.add(oy * step);
+                let o = op.add(oy * wo);
+                let mut x = 0;
+                while x + 32 <= wo {
+                    let (mut a0, mut a1) = (bv, bv);
+                    for t in 0..T {
+                        let p = base.add(rel[t] + x);
+                        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p), kv[t], a0);
+                        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(16)), kv[t], a1);
+                    }
+                    _mm512_storeu_ps(o.add(x), activate::<A>(a0));
+                    _mm512_storeu_ps(o.add(x + 16), activate::<A>(a1));
+                    x += 32;
+                }
+                if x + 16 <= wo {
+                    let mut a0 = bv;
+                    for t in 0..T {
+                        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(base.add(rel[t] + x)), kv[t], a0);
+                    }
+                    _mm512_storeu_ps(o.add(x), activate::<A>(a0));
+                    x += 16;
+                }
+                if x < wo {
+                    let mut a0 = bv;
+                    for t in 0..T {
+                        let v = _mm512_maskz_loadu_ps(tail, base.add(rel[t] + x));
+                        a0 = _mm512_fmadd_ps(v, kv[t], a0);
+                    }
+                    _mm512_mask_storeu_ps(o.add(x), tail, activate::<A>(a0));
+                }
+            }
+        }
+    }
+
+    /// [`plane`] for any number of taps (weights broadcast from memory).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane_any(
+        buf: &[f32],
+        rel: &[usize],
+        k: &[f32],
+        step: usize,
+        wo: usize,
+        bias: f32,
+        act: Activation,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        check(buf, rel, k, step, wo, out.len());
+        let ho = out.len() / wo;
+        let (bp, op) = (buf.as_ptr(), out.as_mut_ptr() as *mut f32);
+        let bv = _mm512_set1_ps(bias);
+        let tail = lanes(wo % 16);
+        let apply = |v| match act {
+            Activation::None => activate::<0>(v),
+            Activation::Relu => activate::<1>(v),
+            Activation::Relu6 => activate::<2>(v),
+        };
+        for oy in 0..ho {
+            // SAFETY: as in `rows`.
+            unsafe {
+                let base = bp.add(oy * step);
+                let o = op.add(oy * wo);
+                let mut x = 0;
+                while x < wo {
+                    let m = if x + 16 <= wo { 0xffff } else { tail };
+                    let mut a = bv;
+                    for (&r, &w) in rel.iter().zip(k) {
+                        let v = _mm512_maskz_loadu_ps(m, base.add(r + x));
+                        a = _mm512_fmadd_ps(v, _mm512_set1_ps(w), a);
+                    }
+                    _mm512_mask_storeu_ps(o.add(x), m, apply(a));
+                    x += 16;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `fill` (vectorized for stride 1 and 2) against a per-element copy through `src_col`.
+    #[test]
+    fn fill_matches_scalar() -> Result<()> {
+        for s in [1, 2, 3] {
+            for w in [1, 2, 5, 16, 17, 31, 32, 33, 40] {
+                for (pl, pr) in [(0, 0), (1, 1), (2, 2), (3, 0), (0, 3)] {
+                    for relu in [false, true] {
+                        let geom = Conv2dGeometry {
+                            stride: (s, s),
+                            dilation: (1, 1),
+                            padding: Padding2d {
+                                top: 1,
+                                bottom: 0,
+                                left: pl,
+                                right: pr,
+                            },
+                        };
+                        let Ok(p) = Plan::new((4, w), (3, 3), &geom) else {
+                            continue;
+                        };
+                        let x: Vec<f32> = (0..4 * w).map(|i| i as f32 - 7.5).collect();
+                        let mut buf = vec![0f32; p.scratch_len()];
+                        p.fill(&x, &mut buf, relu);
+                        for r in 0..p.hp {
+                            for ph in 0..p.sx {
+                                for q in 0..p.wq {
+                                    let want = match (r.checked_sub(p.pt), p.src_col(q * p.sx + ph))
+                                    {
+                                        (Some(iy), Some(ix)) if iy < p.h => x[iy * w + ix],
+                                        _ => 0.0,
+                                    };
+                                    let want = if relu { want.max(0.0) } else { want };
+                                    let got = buf[(r * p.sx + ph) * p.wq + q];
+                                    assert_eq!(
+                                        got, want,
+                                        "s{s} w{w} pl{pl} row {r} phase {ph} col {q}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The AVX-512 loops (where the CPU has them) against the portable ones, plane by plane,
+    /// over kernel sizes, strides, dilations, asymmetric padding, widths around multiples of
+    /// 16 and every activation.
+    #[test]
+    fn simd_matches_portable() -> Result<()> {
+        let mut seed = 1u32;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 8.0 - 4.0
+        };
+        let pads = [
+            Padding2d::uniform(1),
+            Padding2d {
+                top: 0,
+                bottom: 3,
+                left: 2,
+                right: 0,
+            },
+        ];
+        let mut checked = 0;
+        for (kh, kw) in [(3, 3), (5, 5), (1, 1), (3, 2)] {
+            for s in [1, 2] {
+                for d in [1, 2, 5] {
+                    for w in [1, 7, 15, 16, 17, 33, 40] {
+                        for (pi, padding) in pads.iter().enumerate() {
+                            let geom = Conv2dGeometry {
+                                stride: (s, s),
+                                dilation: (d, d),
+                                padding: *padding,
+                            };
+                            let h = 9 + pi;
+                            let Ok(p) = Plan::new((h, w), (kh, kw), &geom) else {
+                                continue;
+                            };
+                            let x: Vec<f32> = (0..h * w).map(|_| rnd()).collect();
+                            let k: Vec<f32> = (0..kh * kw).map(|_| rnd()).collect();
+                            let taps = p.taps();
+                            for (ai, act) in [Activation::None, Activation::Relu, Activation::Relu6]
+                                .into_iter()
+                                .enumerate()
+                            {
+                                let relu = ai == 1;
+                                let mut buf = vec![0f32; p.scratch_len()];
+                                p.fill(&x, &mut buf, relu);
+                                let n = p.ho * p.wo;
+                                let mut a = vec![MaybeUninit::new(f32::NAN); n];
+                                let mut b = vec![MaybeUninit::new(f32::NAN); n];
+                                p.forward(&buf, &taps, &k, 0.25, act, &mut a);
+                                p.forward_portable(&buf, &k, 0.25, act, &mut b);
+                                #[cfg(target_arch = "x86_64")]
+                                if (kh, kw, s) == (3, 3, 1) && crate::cpu::has_avx512() {
+                                    // The scratch-free kernel that stride-1 3x3 runs on.
+                                    let d = avx512::Direct::new(
+                                        (h, w),
+                                        (p.ho, p.wo),
+                                        (p.pt, p.pl),
+                                        (d, d),
+                                    );
+                                    // SAFETY: the CPU reports AVX-512F.
+                                    unsafe { d.plane(&x, &x, &k, 0.25, relu, act, &mut a) };
+                                }
+                                for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                                    // SAFETY: initialised above.
+                                    let (a, b) = unsafe { (a.assume_init(), b.assume_init()) };
+                                    assert!(
+                                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                        "{kh}x{kw} s{s} d{d} w{w} {padding:?} {act:?} at {i}: {a} vs {b}"
+                                    );
+                                }
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 300, "only {checked} geometries checked");
+        Ok(())
     }
 }

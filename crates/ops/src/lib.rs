@@ -35,6 +35,7 @@ mod conv;
 mod cuda;
 mod depthwise;
 mod geometry;
+mod im2col;
 mod layers;
 mod loss;
 mod macs;
@@ -44,8 +45,9 @@ mod resize;
 
 pub use batch_norm::{batch_norm_train, channel_affine, Activation, BatchNorm2d, BatchNormConfig};
 pub use conv::conv2d;
-pub use depthwise::depthwise_conv2d;
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_fused};
 pub use geometry::{scale_dimension, Conv2dGeometry, Padding2d};
+pub use im2col::{col2im, im2col};
 pub use layers::{
     Conv2d, ConvBnAct, DepthwiseConv2d, SeparableActivation, SeparableConv2d, SeparableConv2dConfig,
 };

@@ -147,6 +147,21 @@ pub fn conv2d(
     y.reshape((n, cout, out.0, out.1))
 }
 
+/// The patch matrix of a convolution (see [`crate::im2col`]): the kernel taps stacked as
+/// `[N, C * kh * kw, Ho * Wo]`, rows ordered `(c, ky, kx)`.
+pub fn im2col(x: &Tensor, kernel: (usize, usize), geom: &Conv2dGeometry) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let out = geom.output_size((h, w), kernel)?;
+    let xp = pad2d(x, &geom.padding, 0.0)?;
+    let mut taps = Vec::with_capacity(kernel.0 * kernel.1);
+    for ky in 0..kernel.0 {
+        for kx in 0..kernel.1 {
+            taps.push(tap(&xp, ky, kx, geom, out)?);
+        }
+    }
+    Tensor::stack(&taps, 2)?.reshape((n, c * kernel.0 * kernel.1, out.0 * out.1))
+}
+
 /// Source index pairs and the weight of the second one, for each output coordinate.
 pub(crate) fn resize_coords(
     input: usize,

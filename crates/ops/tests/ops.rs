@@ -186,6 +186,102 @@ fn depthwise_matches_reference() -> Result<()> {
     Ok(())
 }
 
+/// The fused inference variant against the unfused composition relu -> conv -> + bias -> act,
+/// values and gradients (x, w and bias), over strides, dilations, kernels and activations.
+#[test]
+fn depthwise_fused_matches_composition() -> Result<()> {
+    let acts = [Activation::None, Activation::Relu, Activation::Relu6];
+    for dev in devices() {
+        type FusedCase = ((usize, usize, usize, usize), usize, usize, usize);
+        let cases: &[FusedCase] = &[
+            // (input NCHW, kernel, stride, rate)
+            ((2, 5, 17, 23), 3, 1, 1),
+            ((2, 5, 17, 23), 3, 1, 2),
+            ((2, 3, 17, 23), 3, 1, 4),
+            ((2, 3, 17, 23), 3, 1, 12),
+            ((2, 4, 17, 23), 3, 2, 1),
+            ((2, 4, 18, 23), 3, 2, 2),
+            ((1, 3, 65, 65), 3, 1, 1),
+            ((2, 3, 33, 33), 3, 1, 4),
+            ((2, 3, 10, 9), 5, 1, 1),
+            ((2, 3, 11, 8), 4, 2, 1),
+        ];
+        for (i, &((n, c, h, w), k, s, r)) in cases.iter().enumerate() {
+            let geom = if s == 1 {
+                Conv2dGeometry::same(k, r)
+            } else {
+                Conv2dGeometry::deeplab(k, s, r)
+            };
+            // Scaled so that ReLU6 clips at both ends.
+            let x = (seeded_uniform(&[n, c, h, w], 1 + i as u64, &dev)? * 4.0)?;
+            let wt = seeded_uniform(&[c, 1, k, k], 2, &dev)?;
+            let b = seeded_uniform(&[c], 3, &dev)?;
+            for (j, act) in acts.into_iter().enumerate() {
+                let input_relu = (i + j) % 2 == 0;
+                let composed = |t: &[Tensor], bias: bool| -> Result<Tensor> {
+                    let xr = if input_relu {
+                        t[0].relu()?
+                    } else {
+                        t[0].clone()
+                    };
+                    let y = reference::depthwise_conv2d(&xr, &t[1], &geom)?;
+                    let y = if bias {
+                        y.broadcast_add(&t[2].reshape((1, c, 1, 1))?)?
+                    } else {
+                        y
+                    };
+                    act.apply(&y)
+                };
+                let what = format!(
+                    "fused depthwise {:?} k{k} s{s} r{r} {act:?} input_relu={input_relu} on {dev:?}",
+                    (n, c, h, w)
+                );
+                compare_op(
+                    &[x.clone(), wt.clone(), b.clone()],
+                    &|t| depthwise_conv2d_fused(&t[0], &t[1], Some(&t[2]), input_relu, act, &geom),
+                    &|t| composed(t, true),
+                    &what,
+                )?;
+                compare_op(
+                    &[x.clone(), wt.clone()],
+                    &|t| depthwise_conv2d_fused(&t[0], &t[1], None, input_relu, act, &geom),
+                    &|t| composed(t, false),
+                    &format!("{what} without bias"),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn depthwise_fused_half_precision_and_errors() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = seeded_uniform(&[1, 4, 9, 9], 7, &dev)?;
+    let w = seeded_uniform(&[4, 1, 3, 3], 8, &dev)?;
+    let b = seeded_uniform(&[4], 9, &dev)?;
+    let g = Conv2dGeometry::same(3, 2);
+    let y32 = depthwise_conv2d_fused(&x, &w, Some(&b), true, Activation::Relu6, &g)?;
+    let y16 = depthwise_conv2d_fused(
+        &x.to_dtype(DType::BF16)?,
+        &w.to_dtype(DType::BF16)?,
+        Some(&b.to_dtype(DType::BF16)?),
+        true,
+        Activation::Relu6,
+        &g,
+    )?;
+    assert_eq!(y16.dtype(), DType::BF16);
+    assert_close(&y16, &y32, 3e-2, "bf16 fused depthwise")?;
+    let bad = seeded_uniform(&[5], 9, &dev)?;
+    let e = depthwise_conv2d_fused(&x, &w, Some(&bad), false, Activation::None, &g)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[5]") && e.contains("[1, 4, 9, 9]"), "{e}");
+    let bad_w = seeded_uniform(&[3, 1, 3, 3], 8, &dev)?;
+    assert!(depthwise_conv2d_fused(&x, &bad_w, None, false, Activation::None, &g).is_err());
+    Ok(())
+}
+
 #[test]
 fn depthwise_finite_differences() -> Result<()> {
     let dev = Device::Cpu;
@@ -521,5 +617,169 @@ fn layers_load_timm_names() -> Result<()> {
     assert_eq!(sep.forward_t(&x, true)?.dims(), &[2, 16, 9, 12]);
     let conv = Conv2d::new(8, 4, 3, Conv2dGeometry::same(3, 1), true, vb.pp("c"))?;
     assert_eq!(conv.forward(&x)?.dims(), &[2, 4, 17, 23]);
+    Ok(())
+}
+
+#[test]
+fn im2col_matches_reference() -> Result<()> {
+    for dev in devices() {
+        // (input NCHW, kernel, geometry)
+        let asym = Conv2dGeometry {
+            stride: (1, 2),
+            dilation: (2, 1),
+            padding: Padding2d {
+                top: 0,
+                bottom: 3,
+                left: 2,
+                right: 0,
+            },
+        };
+        let cases = [
+            ((2, 3, 17, 23), (3, 3), Conv2dGeometry::same(3, 1)),
+            ((2, 3, 17, 23), (3, 3), Conv2dGeometry::same(3, 4)),
+            ((1, 2, 17, 23), (3, 3), Conv2dGeometry::same(3, 12)),
+            ((2, 3, 10, 9), (3, 3), Conv2dGeometry::deeplab(3, 2, 1)),
+            ((2, 2, 10, 9), (7, 7), Conv2dGeometry::deeplab(7, 2, 1)),
+            ((2, 3, 11, 8), (1, 1), Conv2dGeometry::deeplab(1, 2, 1)),
+            ((1, 2, 65, 65), (3, 3), Conv2dGeometry::deeplab(3, 2, 2)),
+            ((2, 2, 13, 12), (3, 2), asym),
+        ];
+        for ((n, c, h, w), k, geom) in cases {
+            let x = seeded_uniform(&[n, c, h, w], 21, &dev)?;
+            compare_op(
+                &[x],
+                &|t| im2col(&t[0], k, &geom),
+                &|t| reference::im2col(&t[0], k, &geom),
+                &format!("im2col {:?} k{k:?} {geom:?} on {dev:?}", (n, c, h, w)),
+            )?;
+        }
+        // col2im is the adjoint of im2col: <im2col(x), c> == <x, col2im(c)>, and its own
+        // gradient is im2col.
+        let (x, geom) = (seeded_uniform(&[2, 3, 10, 9], 22, &dev)?, asym);
+        let cols = im2col(&x, (3, 2), &geom)?;
+        let c = seeded_uniform(cols.dims(), 23, &dev)?;
+        let lhs = (&cols * &c)?.sum_all()?.to_scalar::<f32>()?;
+        let back = col2im(&c, (10, 9), (3, 2), &geom)?;
+        let rhs = (&x * &back)?.sum_all()?.to_scalar::<f32>()?;
+        assert!(
+            (lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0),
+            "{lhs} vs {rhs}"
+        );
+        let (_, g) = run_with_grads(std::slice::from_ref(&c), &|t| {
+            col2im(&t[0], (10, 9), (3, 2), &geom)
+        })?;
+        let r = seeded_uniform(&[2, 3, 10, 9], 99, &dev)?;
+        assert_close(&g[0], &im2col(&r, (3, 2), &geom)?, 1e-6, "col2im gradient")?;
+        // Column counts that do not fit the geometry are rejected with the shapes.
+        let e = col2im(&c.narrow(2, 1, 3)?, (10, 9), (3, 2), &geom)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("col2im") && e.contains("(10, 9)"), "{e}");
+    }
+    let x = seeded_uniform(&[1, 2, 5, 4], 24, &Device::Cpu)?;
+    let g = Conv2dGeometry::deeplab(3, 2, 1);
+    finite_difference(&[x], 0, &|t| im2col(&t[0], (3, 3), &g))?;
+    Ok(())
+}
+
+#[test]
+fn conv2d_im2col_matches_reference() -> Result<()> {
+    // The CPU path is im2col + gemm; forward and the gradients of input, weight and bias
+    // against the tap-by-tap reference, on odd sizes, with TF fixed (asymmetric) padding for
+    // the strided cases.
+    for dev in devices() {
+        type ConvCase = (
+            (usize, usize, usize, usize),
+            usize,
+            usize,
+            usize,
+            usize,
+            bool,
+        );
+        let cases: &[ConvCase] = &[
+            // (input NCHW, cout, kernel, stride, rate, fixed padding instead of SAME)
+            ((2, 3, 17, 23), 4, 3, 1, 1, false),
+            ((2, 3, 17, 23), 4, 3, 2, 1, true),
+            ((2, 3, 17, 23), 5, 3, 1, 2, false),
+            ((2, 3, 17, 23), 4, 3, 1, 4, false),
+            ((2, 2, 17, 23), 3, 3, 1, 12, false),
+            ((2, 3, 10, 9), 4, 7, 2, 1, true),
+            ((2, 3, 10, 9), 4, 7, 1, 1, false),
+            ((2, 5, 10, 9), 6, 1, 2, 1, true),
+            ((2, 4, 65, 65), 3, 3, 2, 1, true),
+            ((1, 3, 65, 65), 4, 7, 2, 1, true),
+            ((1, 3, 65, 65), 4, 3, 1, 2, true),
+            ((2, 4, 18, 23), 3, 4, 2, 1, true),
+            // More patch-matrix elements than one chunk: several gemms per image.
+            ((2, 32, 65, 65), 4, 7, 1, 1, false),
+        ];
+        for &((n, c, h, w), cout, k, s, r, fixed) in cases {
+            let geom = if fixed {
+                Conv2dGeometry::deeplab(k, s, r)
+            } else {
+                Conv2dGeometry::same(k, r)
+            };
+            let x = seeded_uniform(&[n, c, h, w], 31, &dev)?;
+            let wt = (seeded_uniform(&[cout, c, k, k], 32, &dev)? * 0.5)?;
+            let b = seeded_uniform(&[cout], 33, &dev)?;
+            let what = format!(
+                "conv2d {:?}->{cout} k{k} s{s} r{r} on {dev:?}",
+                (n, c, h, w)
+            );
+            compare_op(
+                &[x.clone(), wt.clone(), b.clone()],
+                &|t| conv2d(&t[0], &t[1], Some(&t[2]), &geom, 1),
+                &|t| reference::conv2d(&t[0], &t[1], Some(&t[2]), &geom),
+                &what,
+            )?;
+            // And against candle's own conv2d where its padding is symmetric.
+            if geom.padding.is_symmetric() && geom.padding.top == geom.padding.left {
+                let ours = conv2d(&x, &wt, None, &geom, 1)?;
+                let theirs = x.conv2d(&wt, geom.padding.top, s, r, 1)?;
+                assert_close(&ours, &theirs, 1e-5, &format!("{what} vs candle"))?;
+            }
+        }
+        // An input that needs no gradient (the stem's image) gets none computed; the weight
+        // gradient is still right.
+        let x = seeded_uniform(&[2, 3, 17, 23], 34, &dev)?;
+        let wv = Var::from_tensor(&seeded_uniform(&[4, 3, 7, 7], 35, &dev)?)?;
+        let wr = Var::from_tensor(wv.as_tensor())?;
+        let geom = Conv2dGeometry::deeplab(7, 2, 1);
+        let y = conv2d(&x, wv.as_tensor(), None, &geom, 1)?;
+        let r = seeded_uniform(y.dims(), 99, &dev)?;
+        let grads = (y * &r)?.sum_all()?.backward()?;
+        let yr = reference::conv2d(&x, wr.as_tensor(), None, &geom)?;
+        let gref = (yr * &r)?.sum_all()?.backward()?;
+        assert_close(
+            grads.get(&wv).expect("weight gradient"),
+            gref.get(&wr).expect("reference weight gradient"),
+            1e-4,
+            "weight-only gradient",
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn conv2d_im2col_half_precision_and_errors() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = seeded_uniform(&[1, 4, 9, 11], 41, &dev)?;
+    let w = seeded_uniform(&[3, 4, 3, 3], 42, &dev)?;
+    let g = Conv2dGeometry::deeplab(3, 2, 1);
+    let y32 = conv2d(&x, &w, None, &g, 1)?;
+    for dt in [DType::BF16, DType::F16] {
+        let y = conv2d(&x.to_dtype(dt)?, &w.to_dtype(dt)?, None, &g, 1)?;
+        assert_eq!(y.dtype(), dt);
+        assert_close(&y, &y32, 3e-2, &format!("{dt:?} conv2d"))?;
+    }
+    let e = conv2d(&x, &w.narrow(1, 0, 3)?, None, &g, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[3, 3, 3, 3]") && e.contains("[1, 4, 9, 11]"),
+        "{e}"
+    );
+    let tiny = seeded_uniform(&[1, 4, 2, 2], 43, &dev)?;
+    assert!(conv2d(&tiny, &w, None, &Conv2dGeometry::default(), 1).is_err());
     Ok(())
 }
