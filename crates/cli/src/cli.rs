@@ -434,6 +434,13 @@ pub struct BenchArgs {
     /// Timed passes.
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    /// Time a training step instead (forward in training mode, cross-entropy on random labels,
+    /// backward, SGD update): reports images/s of training.
+    #[arg(long)]
+    pub train: bool,
+    /// Print one JSON line (for scripts such as benches/peers/e2e.py) after the text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `deeplab convert`.
@@ -1064,39 +1071,92 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
     if a.batch == 0 || a.iters == 0 {
         bail!("--batch and --iters must be at least 1");
     }
-    let model = match &a.weights {
-        Some(wt) => load(wt, device, None)?.model,
-        None => {
-            let cfg = a.model.config(21)?;
-            let vm = candle_nn::VarMap::new();
-            let m = DeepLabModel::new(
-                &cfg,
-                candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
-            )?;
-            crate::init::init_seeded(&vm, 0)?;
-            m
-        }
-    };
-    let cfg = model.config().clone();
-    let count = cfg.count((h, w))?;
+    if a.train && a.batch == 1 {
+        bail!("--train needs --batch of at least 2 (BatchNorm batch statistics)");
+    }
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let x = crate::init::initial_value("bench.input.weight", &[a.batch, 3, h, w], 1, device)?;
-    let run = || -> Result<f64> {
-        let t = Instant::now();
-        let y = model.forward_output(&x, false)?.upsampled;
-        // make sure the result is materialized
-        let _ = y.dims();
-        Ok(t.elapsed().as_secs_f64())
+    // a seeded, trainable model (random weights) or the weight file's
+    let (cfg, vm) = match &a.weights {
+        Some(wt) => {
+            let loaded = load(wt, device, None)?;
+            let cfg = loaded.model.config().clone();
+            let vm = candle_nn::VarMap::new();
+            DeepLabModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device))?;
+            let st = candle_core::safetensors::load(wt, device)
+                .with_context(|| format!("reading {wt}"))?;
+            for (name, var) in vm.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter() {
+                if let Some(t) = st.get(name) {
+                    var.set(&t.to_dtype(DType::F32)?)?;
+                }
+            }
+            (cfg, vm)
+        }
+        None => {
+            let cfg = a.model.config(21)?;
+            let cfg = if a.train {
+                train::training_config(&cfg, BatchNormMode::Train { momentum: 0.1 })
+            } else {
+                cfg
+            };
+            let vm = candle_nn::VarMap::new();
+            DeepLabModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device))?;
+            crate::init::init_seeded(&vm, 0)?;
+            (cfg, vm)
+        }
+    };
+    let count = cfg.count((h, w))?;
+    let mut step: Box<dyn FnMut() -> Result<()>> = if a.train {
+        let model =
+            DeepLabModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device))?;
+        let classes = cfg.num_classes as u32;
+        let labels: Vec<u32> = (0..a.batch * h * w)
+            .map(|i| ((i / w / 16 + i % w / 16) as u32) % classes)
+            .collect();
+        let y = Tensor::from_vec(labels, (a.batch, h, w), device)?;
+        let params = train::trainable(&vm, BatchNormMode::Train { momentum: 0.1 })?;
+        let mut opt = crate::optim::Sgd::new(params, SgdConfig::paper(&cfg.backbone))
+            .map_err(anyhow::Error::msg)?;
+        Box::new(move || {
+            let logits = model.forward_output(&x, true)?.upsampled;
+            let loss = deeplab_ops::cross_entropy(&logits, &y, 255)?;
+            let grads = loss.backward()?;
+            opt.step(&grads, 1e-4)?;
+            Ok(())
+        })
+    } else {
+        // Inference runs on plain (detached) tensors: a model made of `Var`s records the graph
+        // of every forward pass and keeps all its activations alive, as training needs.
+        let tensors = vm
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        drop(vm);
+        let model = DeepLabModel::new(
+            &cfg,
+            candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device),
+        )?;
+        Box::new(move || {
+            let y = model.forward_output(&x, false)?.upsampled;
+            // make sure the result is materialized
+            let _ = y.dims();
+            Ok(())
+        })
     };
     for _ in 0..a.warmup {
-        run()?;
+        step()?;
     }
     let mut times = Vec::with_capacity(a.iters);
     for _ in 0..a.iters {
-        times.push(run()?);
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     let median = if times.len() % 2 == 1 {
@@ -1105,8 +1165,14 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
         0.5 * (times[times.len() / 2 - 1] + times[times.len() / 2])
     };
     let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let (what, whats) = if a.train {
+        ("training step", "training steps")
+    } else {
+        ("pass", "passes")
+    };
+    let peak = peak_rss_mib();
     println!(
-        "{} output stride {}, input {}x{}x{}x{}, {:.2}M parameters, {:.2} GMACs per image, {threads} threads, {} warm-up + {} timed passes",
+        "{} output stride {}, input {}x{}x{}x{}, {:.2}M parameters, {:.2} GMACs per image, {threads} threads, {} warm-up + {} timed {whats}",
         describe(&cfg),
         cfg.output_stride(),
         a.batch,
@@ -1119,15 +1185,59 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
         a.iters
     );
     println!(
-        "latency per pass: median {:.1} ms, mean {:.1} ms, min {:.1} ms, max {:.1} ms; throughput {:.2} images/s ({:.1} GMAC/s)",
+        "latency per {what}: median {:.1} ms, mean {:.1} ms, min {:.1} ms, max {:.1} ms; throughput {:.2} images/s ({:.1} GMAC/s{}); peak RSS {}",
         median * 1e3,
         mean * 1e3,
         times[0] * 1e3,
         times[times.len() - 1] * 1e3,
         a.batch as f64 / median,
-        count.gmacs() * a.batch as f64 / median
+        count.gmacs() * a.batch as f64 / median,
+        if a.train { " of forward work" } else { "" },
+        peak.map_or("n/a".to_string(), |m| format!("{m:.0} MiB"))
     );
+    if a.json {
+        let matmul = matmul_gflops(device)?;
+        let rec = serde_json::json!({
+            "matmul_gflops": matmul,
+            "model": describe(&cfg), "output_stride": cfg.output_stride().to_string(),
+            "mode": if a.train { "train" } else { "inference" },
+            "batch": a.batch, "height": h, "width": w, "threads": threads,
+            "params": count.params, "gmacs": count.gmacs(),
+            "median_s": median, "mean_s": mean, "min_s": times[0],
+            "max_s": times[times.len() - 1], "images_per_s": a.batch as f64 / median,
+            "peak_rss_mib": peak,
+        });
+        println!("{rec}");
+    }
     Ok(())
+}
+
+/// The f32 rate (GFLOP/s) of candle's matmul on this device and thread count: the median of
+/// seven 1024x1024x1024 products, the yardstick of the "matmul-bound" time of a model.
+fn matmul_gflops(device: &Device) -> Result<f64> {
+    let n = 1024;
+    let a = crate::init::initial_value("bench.matmul.a", &[n, n], 1, device)?;
+    let b = crate::init::initial_value("bench.matmul.b", &[n, n], 1, device)?;
+    let mut times = Vec::new();
+    for i in 0..9 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        let _ = c.dims();
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * (n * n * n) as f64 / times[times.len() / 2] / 1e9)
+}
+
+/// The process's peak resident set size in MiB (`VmHWM` of `/proc/self/status`; Linux only).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn cmd_convert(a: ConvertArgs) -> Result<()> {

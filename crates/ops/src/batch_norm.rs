@@ -570,13 +570,19 @@ impl BatchNorm2d {
     }
 
     /// The evaluation-mode per-channel `(scale, shift)`: `y = x * scale + shift`.
+    ///
+    /// The running statistics enter detached: they are `Var`s (so training can update them in
+    /// place) but never need a gradient, and a tracked `Var` here would make every
+    /// evaluation-mode output record its computation graph, keeping all intermediate
+    /// activations of a forward pass alive until its output is dropped. `weight` and `bias`
+    /// stay attached, so frozen-BN training still trains them.
     pub fn folded(&self) -> Result<(Tensor, Tensor)> {
-        let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?
+        let inv = (self.running_var.as_tensor().detach().to_dtype(DType::F32)? + self.config.eps)?
             .sqrt()?
             .recip()?;
         let scale = (self.weight.to_dtype(DType::F32)? * inv)?;
         let shift = (self.bias.to_dtype(DType::F32)?
-            - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
+            - (self.running_mean.as_tensor().detach().to_dtype(DType::F32)? * &scale)?)?;
         Ok((scale, shift))
     }
 
@@ -609,12 +615,7 @@ impl ModuleT for BatchNorm2d {
             self.update_running(&mean, &var, n * h * w)?;
             self.act.apply(&y)
         } else {
-            let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?
-                .sqrt()?
-                .recip()?;
-            let scale = (self.weight.to_dtype(DType::F32)? * inv)?;
-            let shift = (self.bias.to_dtype(DType::F32)?
-                - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
+            let (scale, shift) = self.folded()?;
             channel_affine(x, &scale, &shift, self.act)
         }
     }
