@@ -55,6 +55,9 @@ mod tests {
             )
         };
         assert_eq!(purge, 1000, "purge_delay index moved");
-        assert!((0..=2).contains(&eager), "arena_eager_commit index moved: {eager}");
+        assert!(
+            (0..=2).contains(&eager),
+            "arena_eager_commit index moved: {eager}"
+        );
     }
 }

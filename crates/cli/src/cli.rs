@@ -15,7 +15,7 @@ use deeplab_data::{
     io::{read_rgb_image, save_palette_png, save_rgb_png},
     render, BoundaryDefinition, ClassTable, DatasetFormat, ErrorPolicy,
 };
-use deeplab_heads::{DeepLabConfig, DeepLabModel, InputNormalization};
+use deeplab_heads::{DeepLabConfig, DeepLabModel, FoldBatchNorm, InputNormalization};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +34,10 @@ pub struct Cli {
     /// No progress bars.
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Keep BatchNorm layers as separate passes at inference (by default eval, predict and
+    /// bench fold each into its convolution's output pass; the outputs are identical).
+    #[arg(long, global = true)]
+    pub no_fold: bool,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -533,6 +537,7 @@ pub fn run(cli: Cli) -> Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let progress = !cli.quiet;
+    FOLD.store(!cli.no_fold, std::sync::atomic::Ordering::Relaxed);
     let device = Device::Cpu;
     match cli.command {
         Command::Eval(a) => cmd_eval(a, progress, &device),
@@ -545,9 +550,24 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Whether inference models get their BatchNorms folded (`--no-fold` clears it).
+static FOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn fold_enabled() -> bool {
+    FOLD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Loads a weight file for inference (BatchNorms folded unless `--no-fold`).
 fn load(weights: &str, device: &Device, os: Option<usize>) -> Result<LoadedModel> {
     let path = files::resolve_weights(weights)?;
-    files::load_model(&path, device, output_stride(os, "--output-stride")?)
+    let mut loaded = files::load_model(&path, device, output_stride(os, "--output-stride")?)?;
+    if fold_enabled() {
+        loaded
+            .model
+            .fold_batch_norm()
+            .with_context(|| format!("{}: folding BatchNorm", path.display()))?;
+    }
+    Ok(loaded)
 }
 
 fn parse_scales(s: &str) -> Result<Vec<f64>> {
@@ -1085,10 +1105,18 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
             let loaded = load(wt, device, None)?;
             let cfg = loaded.model.config().clone();
             let vm = candle_nn::VarMap::new();
-            DeepLabModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device))?;
+            DeepLabModel::new(
+                &cfg,
+                candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
+            )?;
             let st = candle_core::safetensors::load(wt, device)
                 .with_context(|| format!("reading {wt}"))?;
-            for (name, var) in vm.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter() {
+            for (name, var) in vm
+                .data()
+                .lock()
+                .map_err(|_| anyhow::anyhow!("lock"))?
+                .iter()
+            {
                 if let Some(t) = st.get(name) {
                     var.set(&t.to_dtype(DType::F32)?)?;
                 }
@@ -1103,15 +1131,20 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
                 cfg
             };
             let vm = candle_nn::VarMap::new();
-            DeepLabModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device))?;
+            DeepLabModel::new(
+                &cfg,
+                candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
+            )?;
             crate::init::init_seeded(&vm, 0)?;
             (cfg, vm)
         }
     };
     let count = cfg.count((h, w))?;
     let mut step: Box<dyn FnMut() -> Result<()>> = if a.train {
-        let model =
-            DeepLabModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device))?;
+        let model = DeepLabModel::new(
+            &cfg,
+            candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
+        )?;
         let classes = cfg.num_classes as u32;
         let labels: Vec<u32> = (0..a.batch * h * w)
             .map(|i| ((i / w / 16 + i % w / 16) as u32) % classes)
@@ -1138,10 +1171,13 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
             .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
             .collect();
         drop(vm);
-        let model = DeepLabModel::new(
+        let mut model = DeepLabModel::new(
             &cfg,
             candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device),
         )?;
+        if fold_enabled() {
+            model.fold_batch_norm()?;
+        }
         Box::new(move || {
             let y = model.forward_output(&x, false)?.upsampled;
             // make sure the result is materialized

@@ -19,7 +19,7 @@ use candle_core::{bail, DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use deeplab_backbones::{AnyBackbone, Backbone};
 use deeplab_ops::{
-    resize_bilinear, BatchNormConfig, Conv2d, Conv2dGeometry, MacCounter, ResizeMode,
+    resize_bilinear, BatchNormConfig, Conv2d, Conv2dGeometry, FoldBatchNorm, MacCounter, ResizeMode,
 };
 use std::collections::HashMap;
 use std::path::Path;
@@ -318,6 +318,38 @@ pub enum DeepLabModel {
     V3(DeepLabV3),
     /// With the decoder.
     V3Plus(DeepLabV3Plus),
+}
+
+impl FoldBatchNorm for Common {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.backbone.fold_batch_norm()?;
+        self.aspp.fold_batch_norm()
+    }
+}
+
+impl FoldBatchNorm for DeepLabV3 {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.common.fold_batch_norm()
+    }
+}
+
+impl FoldBatchNorm for DeepLabV3Plus {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.common.fold_batch_norm()?;
+        self.decoder.fold_batch_norm()
+    }
+}
+
+/// Folds every BatchNorm into the convolution before it, for inference (see
+/// [`FoldBatchNorm`]): the same evaluation-mode outputs, fewer passes over memory; the folded
+/// model cannot train. `deeplab eval`, `predict` and `bench` fold by default.
+impl FoldBatchNorm for DeepLabModel {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        match self {
+            DeepLabModel::V3(m) => m.fold_batch_norm(),
+            DeepLabModel::V3Plus(m) => m.fold_batch_norm(),
+        }
+    }
 }
 
 impl DeepLabModel {

@@ -504,6 +504,44 @@ pub fn channel_affine(
         .to_dtype(dtype)
 }
 
+/// The per-channel epilogue of a convolution whose BatchNorm was folded into it:
+/// `act(y * scale[c] + shift[c])`, applied in the pass that produces `y` where the kernel
+/// supports it, else in one extra pass ([`channel_affine`]).
+#[derive(Clone, Debug)]
+pub struct Epilogue {
+    /// Per-channel multiplier `[C]` (f32).
+    pub scale: Tensor,
+    /// Per-channel offset `[C]` (f32).
+    pub shift: Tensor,
+    /// Activation after the affine map.
+    pub act: Activation,
+}
+
+impl Epilogue {
+    /// The epilogue that folds `bn` (see [`BatchNorm2d::fold`]), with the bias of the
+    /// convolution (if any) moved into the shift: `(y + b) * s + t = y * s + (b * s + t)`.
+    pub fn fold(bn: &mut BatchNorm2d, conv_bias: Option<&Tensor>) -> Result<Self> {
+        let c = bn.channels();
+        if conv_bias.is_some_and(|b| b.dims() != [c]) {
+            bail!(
+                "batch_norm: {c} channels cannot fold over a conv bias {:?}",
+                conv_bias.map(|b| b.dims().to_vec())
+            )
+        }
+        let (scale, shift, act) = bn.fold()?;
+        let shift = match conv_bias {
+            Some(b) => ((b.detach().to_dtype(DType::F32)? * &scale)? + shift)?,
+            None => shift,
+        };
+        Ok(Self { scale, shift, act })
+    }
+
+    /// Applies the epilogue to an NCHW tensor in one pass.
+    pub fn apply(&self, y: &Tensor) -> Result<Tensor> {
+        channel_affine(y, &self.scale, &self.shift, self.act)
+    }
+}
+
 /// 2-D batch normalization over the channels of an NCHW tensor.
 #[derive(Clone, Debug)]
 pub struct BatchNorm2d {
@@ -513,6 +551,7 @@ pub struct BatchNorm2d {
     running_var: Var,
     config: BatchNormConfig,
     act: Activation,
+    folded: bool,
 }
 
 impl BatchNorm2d {
@@ -535,6 +574,7 @@ impl BatchNorm2d {
             running_var: Var::from_tensor(&running_var)?,
             config,
             act: Activation::None,
+            folded: false,
         })
     }
 
@@ -582,8 +622,36 @@ impl BatchNorm2d {
             .recip()?;
         let scale = (self.weight.to_dtype(DType::F32)? * inv)?;
         let shift = (self.bias.to_dtype(DType::F32)?
-            - (self.running_mean.as_tensor().detach().to_dtype(DType::F32)? * &scale)?)?;
+            - (self
+                .running_mean
+                .as_tensor()
+                .detach()
+                .to_dtype(DType::F32)?
+                * &scale)?)?;
         Ok((scale, shift))
+    }
+
+    /// Folds this layer into the convolution before it, for inference: returns the
+    /// evaluation-mode `(scale, shift)` and activation that convolution applies to its output
+    /// in the same pass (`act(conv * scale + shift)`), and turns this layer into the identity.
+    /// A folded layer refuses training-mode forwards.
+    ///
+    /// The convolution's weights are not rescaled: `act(conv(x, w) * scale + shift)` is the
+    /// exact arithmetic of the unfolded layers, so folding changes no output bit, while
+    /// `conv(x, w * scale)` rounds differently, and deep networks amplify that (on the
+    /// official reference models it moves the logits by 1e-4 of their scale).
+    pub fn fold(&mut self) -> Result<(Tensor, Tensor, Activation)> {
+        if self.folded {
+            bail!("batch_norm: already folded into its convolution")
+        }
+        let (scale, shift) = self.folded()?;
+        self.folded = true;
+        Ok((scale, shift, self.act))
+    }
+
+    /// Whether [`BatchNorm2d::fold`] turned this layer into the identity.
+    pub fn is_folded(&self) -> bool {
+        self.folded
     }
 
     fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
@@ -609,6 +677,12 @@ impl ModuleT for BatchNorm2d {
                 self.channels(),
                 x.dims()
             )
+        }
+        if self.folded {
+            if train {
+                bail!("batch_norm: this layer was folded into its convolution for inference and cannot train")
+            }
+            return Ok(x.clone());
         }
         if train {
             let (y, mean, var) = batch_norm_train(x, &self.weight, &self.bias, self.config.eps)?;

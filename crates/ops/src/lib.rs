@@ -42,12 +42,15 @@ mod pool;
 pub mod reference;
 mod resize;
 
-pub use batch_norm::{batch_norm_train, channel_affine, Activation, BatchNorm2d, BatchNormConfig};
+pub use batch_norm::{
+    batch_norm_train, channel_affine, Activation, BatchNorm2d, BatchNormConfig, Epilogue,
+};
 pub use conv::conv2d;
 pub use depthwise::depthwise_conv2d;
 pub use geometry::{scale_dimension, Conv2dGeometry, Padding2d};
 pub use layers::{
-    Conv2d, ConvBnAct, DepthwiseConv2d, SeparableActivation, SeparableConv2d, SeparableConv2dConfig,
+    Conv2d, ConvBnAct, DepthwiseConv2d, FoldBatchNorm, SeparableActivation, SeparableConv2d,
+    SeparableConv2dConfig,
 };
 pub use loss::cross_entropy;
 pub use macs::MacCounter;
