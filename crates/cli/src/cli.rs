@@ -38,6 +38,11 @@ pub struct Cli {
     /// bench fold each into its convolution's output pass; the outputs are identical).
     #[arg(long, global = true)]
     pub no_fold: bool,
+    /// Element type of inference (eval, predict, bench): f32, or f16 (weights, convolutions
+    /// and matmuls in half precision; BatchNorm and our kernels' arithmetic in f32). bf16 is
+    /// not offered: candle's CPU matmul has no bf16 kernel.
+    #[arg(long, global = true, value_enum, default_value_t = InferDType::F32)]
+    pub dtype: InferDType,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -538,6 +543,11 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let progress = !cli.quiet;
     FOLD.store(!cli.no_fold, std::sync::atomic::Ordering::Relaxed);
+    let code = match cli.dtype {
+        InferDType::F16 => 1,
+        InferDType::F32 => 0,
+    };
+    INFER_DTYPE.store(code, std::sync::atomic::Ordering::Relaxed);
     let device = Device::Cpu;
     match cli.command {
         Command::Eval(a) => cmd_eval(a, progress, &device),
@@ -550,8 +560,27 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Element type of inference (`--dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InferDType {
+    /// 32-bit floats.
+    F32,
+    /// IEEE half precision.
+    F16,
+}
+
+
 /// Whether inference models get their BatchNorms folded (`--no-fold` clears it).
 static FOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// `--dtype` of inference, as a code (0 f32, 1 f16).
+static INFER_DTYPE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn infer_dtype() -> DType {
+    match INFER_DTYPE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => DType::F16,
+        _ => DType::F32,
+    }
+}
 
 fn fold_enabled() -> bool {
     FOLD.load(std::sync::atomic::Ordering::Relaxed)
@@ -560,7 +589,12 @@ fn fold_enabled() -> bool {
 /// Loads a weight file for inference (BatchNorms folded unless `--no-fold`).
 fn load(weights: &str, device: &Device, os: Option<usize>) -> Result<LoadedModel> {
     let path = files::resolve_weights(weights)?;
-    let mut loaded = files::load_model(&path, device, output_stride(os, "--output-stride")?)?;
+    let mut loaded = files::load_model_as(
+        &path,
+        device,
+        output_stride(os, "--output-stride")?,
+        infer_dtype(),
+    )?;
     if fold_enabled() {
         loaded
             .model
@@ -1173,8 +1207,9 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
         drop(vm);
         let mut model = DeepLabModel::new(
             &cfg,
-            candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device),
+            candle_nn::VarBuilder::from_tensors(tensors, infer_dtype(), device),
         )?;
+        let x = x.to_dtype(infer_dtype())?;
         if fold_enabled() {
             model.fold_batch_norm()?;
         }
