@@ -198,7 +198,7 @@ impl Bottleneck {
                 max_pool2d(x, (1, 1), &g)?
             }
         };
-        let out = (&pre + sc)?.relu()?;
+        let out = Activation::Relu.apply(&(&pre + sc)?)?;
         Ok((out, pre))
     }
 

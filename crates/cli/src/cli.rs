@@ -569,7 +569,6 @@ pub enum InferDType {
     F16,
 }
 
-
 /// Whether inference models get their BatchNorms folded (`--no-fold` clears it).
 static FOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 /// `--dtype` of inference, as a code (0 f32, 1 f16).

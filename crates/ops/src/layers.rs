@@ -196,7 +196,7 @@ impl DepthwiseConv2d {
 impl Module for DepthwiseConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = if self.input_relu {
-            x.relu()?
+            Activation::Relu.apply(x)?
         } else {
             x.clone()
         };
@@ -291,7 +291,7 @@ impl SeparableConv2d {
     pub fn forward_parts(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let x = match self.act {
             // once folded, the depthwise conv applies the input ReLU as it reads
-            SeparableActivation::Input if !self.bn_dw.is_folded() => x.relu()?,
+            SeparableActivation::Input if !self.bn_dw.is_folded() => Activation::Relu.apply(x)?,
             _ => x.clone(),
         };
         let d = self.bn_dw.forward_t(&self.conv_dw.forward(&x)?, train)?;
