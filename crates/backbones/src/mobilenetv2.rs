@@ -287,10 +287,28 @@ impl PaddedConv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.geometry(hw(x)?);
+        let detail = || {
+            format!(
+                "{}x{} s{} d{} {}",
+                self.k,
+                self.k,
+                self.stride,
+                self.dilation,
+                x.dims()
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x")
+            )
+        };
         let y = if self.depthwise {
-            depthwise_conv2d(x, &self.weight, &g)?
+            deeplab_ops::profile::record("depthwise", detail, || {
+                depthwise_conv2d(x, &self.weight, &g)
+            })?
         } else {
-            conv2d(x, &self.weight, None, &g, 1)?
+            deeplab_ops::profile::record("conv kxk", detail, || {
+                conv2d(x, &self.weight, None, &g, 1)
+            })?
         };
         match &self.epilogue {
             Some(e) => e.apply(&y),

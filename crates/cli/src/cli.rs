@@ -450,6 +450,10 @@ pub struct BenchArgs {
     /// Print one JSON line (for scripts such as benches/peers/e2e.py) after the text.
     #[arg(long)]
     pub json: bool,
+    /// Also print where the time goes: each layer kind's share of a pass, and the costliest
+    /// individual layer shapes.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// `deeplab convert`.
@@ -1222,6 +1226,8 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
     for _ in 0..a.warmup {
         step()?;
     }
+    deeplab_ops::profile::enable(a.profile);
+    let _ = deeplab_ops::profile::take();
     let mut times = Vec::with_capacity(a.iters);
     for _ in 0..a.iters {
         let t = Instant::now();
@@ -1265,6 +1271,10 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
         if a.train { " of forward work" } else { "" },
         peak.map_or("n/a".to_string(), |m| format!("{m:.0} MiB"))
     );
+    if a.profile {
+        deeplab_ops::profile::enable(false);
+        print_profile(deeplab_ops::profile::take(), a.iters, mean);
+    }
     if a.json {
         let matmul = matmul_gflops(device)?;
         let rec = serde_json::json!({
@@ -1280,6 +1290,55 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
         println!("{rec}");
     }
     Ok(())
+}
+
+/// Prints a `--profile` table: time per pass by layer kind (with the unattributed rest) and
+/// the costliest layer shapes.
+fn print_profile(
+    rows: Vec<((String, String), deeplab_ops::profile::Entry)>,
+    iters: usize,
+    mean: f64,
+) {
+    let per = |s: f64| s / iters as f64 * 1e3;
+    let mut kinds: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    for ((k, _), e) in &rows {
+        let v = kinds.entry(k.clone()).or_default();
+        v.0 += e.calls;
+        v.1 += e.seconds;
+    }
+    let mut kinds: Vec<_> = kinds.into_iter().collect();
+    kinds.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    let total_ms = mean * 1e3;
+    println!("profile (per pass, mean of {iters}; wall time of each layer call):");
+    println!("| layer kind | calls | ms | share |");
+    println!("|---|---:|---:|---:|");
+    let mut attributed = 0.0;
+    for (k, (calls, secs)) in &kinds {
+        attributed += per(*secs);
+        println!(
+            "| {k} | {} | {:.1} | {:.1}% |",
+            calls / iters as u64,
+            per(*secs),
+            100.0 * per(*secs) / total_ms
+        );
+    }
+    println!(
+        "| other (adds, concat, pooling, copies, glue) | - | {:.1} | {:.1}% |",
+        total_ms - attributed,
+        100.0 * (total_ms - attributed) / total_ms
+    );
+    let mut top = rows;
+    top.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+    println!("costliest layer shapes:");
+    println!("| layer | shape | calls | ms |");
+    println!("|---|---|---:|---:|");
+    for ((k, d), e) in top.iter().take(12) {
+        println!(
+            "| {k} | {d} | {} | {:.1} |",
+            e.calls / iters as u64,
+            per(e.seconds)
+        );
+    }
 }
 
 /// The f32 rate (GFLOP/s) of candle's matmul on this device and thread count: the median of

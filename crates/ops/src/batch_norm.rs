@@ -31,9 +31,11 @@ impl Activation {
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::None => Ok(x.clone()),
-            _ if x.device().is_cpu() && x.dtype() == DType::F32 => {
-                x.contiguous()?.apply_op1(ActFwd { act: self })
-            }
+            _ if x.device().is_cpu() && x.dtype() == DType::F32 => crate::profile::record(
+                "activation",
+                || format!("{self:?} {}", crate::profile::dims(x)),
+                || x.contiguous()?.apply_op1(ActFwd { act: self }),
+            ),
             Activation::Relu => x.relu(),
             Activation::Relu6 => x.clamp(0f32, 6f32),
         }
@@ -564,6 +566,19 @@ pub fn channel_affine(
     shift: &Tensor,
     act: Activation,
 ) -> Result<Tensor> {
+    crate::profile::record(
+        "bn / epilogue",
+        || format!("{act:?} {}", crate::profile::dims(x)),
+        || channel_affine_inner(x, scale, shift, act),
+    )
+}
+
+fn channel_affine_inner(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     if scale.dims() != [c] || shift.dims() != [c] {
         bail!(
@@ -802,7 +817,11 @@ mod tests {
         ] {
             let y = act.apply(x.as_tensor())?;
             assert_eq!(y.dims(), &[2, 3, 7, 5]);
-            let d = (&y - &reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = (&y - &reference)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert_eq!(d, 0.0, "{act:?} forward");
             let g = (y * &w)?.sum_all()?.backward()?;
             let g_ref = (reference * &w)?.sum_all()?.backward()?;
@@ -811,7 +830,10 @@ mod tests {
             assert_eq!(d, 0.0, "{act:?} gradient");
             // the gradient is not trivially zero or the identity
             let s = a.sum_all()?.to_scalar::<f32>()?;
-            assert!(s > 0.0 && s < w.sum_all()?.to_scalar::<f32>()?, "{act:?}: {s}");
+            assert!(
+                s > 0.0 && s < w.sum_all()?.to_scalar::<f32>()?,
+                "{act:?}: {s}"
+            );
         }
         Ok(())
     }

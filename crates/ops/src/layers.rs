@@ -126,7 +126,22 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::conv::conv2d(x, &self.weight, self.bias.as_ref(), &self.geom, self.groups)?;
+        let (cout, _, kh, kw) = self.weight.dims4()?;
+        let kind = if kh * kw == 1 { "conv 1x1" } else { "conv kxk" };
+        let y = crate::profile::record(
+            kind,
+            || {
+                format!(
+                    "{}x{} s{} d{} {} -> {cout}",
+                    kh,
+                    kw,
+                    self.geom.stride.0,
+                    self.geom.dilation.0,
+                    crate::profile::dims(x)
+                )
+            },
+            || crate::conv::conv2d(x, &self.weight, self.bias.as_ref(), &self.geom, self.groups),
+        )?;
         match &self.epilogue {
             Some(e) => e.apply(&y),
             None => Ok(y),
@@ -200,7 +215,18 @@ impl Module for DepthwiseConv2d {
         } else {
             x.clone()
         };
-        let y = crate::depthwise::depthwise_conv2d(&x, &self.weight, &self.geom)?;
+        let y = crate::profile::record(
+            "depthwise",
+            || {
+                format!(
+                    "s{} d{} {}",
+                    self.geom.stride.0,
+                    self.geom.dilation.0,
+                    crate::profile::dims(&x)
+                )
+            },
+            || crate::depthwise::depthwise_conv2d(&x, &self.weight, &self.geom),
+        )?;
         match &self.epilogue {
             Some(e) => e.apply(&y),
             None => Ok(y),

@@ -39,6 +39,7 @@ mod layers;
 mod loss;
 mod macs;
 mod pool;
+pub mod profile;
 pub mod reference;
 mod resize;
 
