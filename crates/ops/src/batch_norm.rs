@@ -616,6 +616,8 @@ pub struct Epilogue {
     pub shift: Tensor,
     /// Activation after the affine map.
     pub act: Activation,
+    /// `scale` and `shift` on the host, for kernels that fuse the epilogue.
+    pub(crate) host: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Epilogue {
@@ -634,7 +636,17 @@ impl Epilogue {
             Some(b) => ((b.detach().to_dtype(DType::F32)? * &scale)? + shift)?,
             None => shift,
         };
-        Ok(Self { scale, shift, act })
+        let host = if scale.device().is_cpu() {
+            Some((scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?))
+        } else {
+            None
+        };
+        Ok(Self {
+            scale,
+            shift,
+            act,
+            host,
+        })
     }
 
     /// Applies the epilogue to an NCHW tensor in one pass.

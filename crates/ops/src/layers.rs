@@ -128,6 +128,29 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (cout, _, kh, kw) = self.weight.dims4()?;
         let kind = if kh * kw == 1 { "conv 1x1" } else { "conv kxk" };
+        if let Some(Epilogue {
+            host: Some((scale, shift)),
+            act,
+            ..
+        }) = &self.epilogue
+        {
+            let plain = kh == 1
+                && kw == 1
+                && self.groups == 1
+                && self.bias.is_none()
+                && self.geom.stride == (1, 1)
+                && self.geom.padding.is_zero()
+                && x.dtype() == candle_core::DType::F32
+                && self.weight.dtype() == candle_core::DType::F32
+                && x.device().is_cpu();
+            if plain {
+                return crate::profile::record(
+                    "conv 1x1 + epilogue",
+                    || format!("{} -> {cout}", crate::profile::dims(x)),
+                    || crate::pointwise::pointwise_epilogue(x, &self.weight, scale, shift, *act),
+                );
+            }
+        }
         let y = crate::profile::record(
             kind,
             || {

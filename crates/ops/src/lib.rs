@@ -38,6 +38,7 @@ mod geometry;
 mod layers;
 mod loss;
 mod macs;
+mod pointwise;
 mod pool;
 pub mod profile;
 pub mod reference;
