@@ -354,6 +354,16 @@ impl AnyBackbone {
     }
 }
 
+impl deeplab_ops::FoldBatchNorm for AnyBackbone {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        match self {
+            Self::Xception(b) => b.fold_batch_norm(),
+            Self::ResNet(b) => b.fold_batch_norm(),
+            Self::MobileNetV2(b) => b.fold_batch_norm(),
+        }
+    }
+}
+
 impl Backbone for AnyBackbone {
     fn feature_info(&self) -> &[FeatureInfo] {
         match self {

@@ -29,7 +29,7 @@ use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use deeplab_ops::{
     conv2d, depthwise_conv2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dGeometry,
-    DepthwiseConv2d, MacCounter,
+    DepthwiseConv2d, Epilogue, FoldBatchNorm, MacCounter,
 };
 use serde::{Deserialize, Serialize};
 
@@ -219,6 +219,8 @@ impl MobileNetV2Config {
 #[derive(Clone, Debug)]
 struct PaddedConv {
     weight: Tensor,
+    /// A folded BatchNorm (inference).
+    epilogue: Option<Epilogue>,
     depthwise: bool,
     k: usize,
     stride: usize,
@@ -245,6 +247,7 @@ impl PaddedConv {
         )?;
         Ok(Self {
             weight: conv.weight().clone(),
+            epilogue: None,
             depthwise: false,
             k,
             stride,
@@ -264,6 +267,7 @@ impl PaddedConv {
         let conv = DepthwiseConv2d::new(ch, k, Conv2dGeometry::deeplab(k, stride, dilation), vb)?;
         Ok(Self {
             weight: conv.weight().clone(),
+            epilogue: None,
             depthwise: true,
             k,
             stride,
@@ -283,11 +287,42 @@ impl PaddedConv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.geometry(hw(x)?);
-        if self.depthwise {
-            depthwise_conv2d(x, &self.weight, &g)
+        let detail = || {
+            format!(
+                "{}x{} s{} d{} {}",
+                self.k,
+                self.k,
+                self.stride,
+                self.dilation,
+                x.dims()
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x")
+            )
+        };
+        let y = if self.depthwise {
+            deeplab_ops::profile::record("depthwise", detail, || {
+                depthwise_conv2d(x, &self.weight, &g)
+            })?
         } else {
-            conv2d(x, &self.weight, None, &g, 1)
+            deeplab_ops::profile::record("conv kxk", detail, || {
+                conv2d(x, &self.weight, None, &g, 1)
+            })?
+        };
+        match &self.epilogue {
+            Some(e) => e.apply(&y),
+            None => Ok(y),
         }
+    }
+
+    /// Folds the BatchNorm that follows into this convolution (inference).
+    fn fold_bn(&mut self, bn: &mut BatchNorm2d) -> Result<()> {
+        if self.epilogue.is_some() {
+            bail!("mobilenetv2: a BatchNorm was already folded into this convolution")
+        }
+        self.epilogue = Some(Epilogue::fold(bn, None)?);
+        Ok(())
     }
 
     fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
@@ -344,6 +379,20 @@ impl Block {
                 let y = b.bn3.forward_t(&b.conv_pwl.forward(&d)?, train)?;
                 let y = if b.skip { (y + x)? } else { y };
                 Ok((y, d))
+            }
+        }
+    }
+
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        match self {
+            Block::Ds(b) => {
+                b.conv_dw.fold_bn(&mut b.bn1)?;
+                b.conv_pw.fold_bn(&mut b.bn2)
+            }
+            Block::Ir(b) => {
+                b.conv_pw.fold_bn(&mut b.bn1)?;
+                b.conv_dw.fold_bn(&mut b.bn2)?;
+                b.conv_pwl.fold_bn(&mut b.bn3)
             }
         }
     }
@@ -575,6 +624,19 @@ impl MobileNetV2 {
             }
         }
         Ok(vec![tap, s])
+    }
+}
+
+impl FoldBatchNorm for MobileNetV2 {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.conv_stem.fold_bn(&mut self.bn1)?;
+        for b in &mut self.blocks {
+            b.fold_batch_norm()?;
+        }
+        if let Some(h) = &mut self.head {
+            h.conv_head.fold_bn(&mut h.bn2)?;
+        }
+        Ok(())
     }
 }
 

@@ -44,8 +44,8 @@ use crate::{Backbone, FeatureInfo, OutputStride};
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use deeplab_ops::{
-    max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dGeometry, MacCounter,
-    Padding2d,
+    max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dGeometry, FoldBatchNorm,
+    MacCounter, Padding2d,
 };
 use serde::{Deserialize, Serialize};
 
@@ -198,8 +198,18 @@ impl Bottleneck {
                 max_pool2d(x, (1, 1), &g)?
             }
         };
-        let out = (&pre + sc)?.relu()?;
+        let out = Activation::Relu.apply(&(&pre + sc)?)?;
         Ok((out, pre))
+    }
+
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.conv1.fold_bn(&mut self.bn1)?;
+        self.conv2.fold_bn(&mut self.bn2)?;
+        self.conv3.fold_bn(&mut self.bn3)?;
+        if let Shortcut::Conv(c, b) = &mut self.shortcut {
+            c.fold_bn(b)?;
+        }
+        Ok(())
     }
 
     fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
@@ -447,6 +457,25 @@ impl ResNet {
             }
         }
         Ok(vec![tap, s])
+    }
+}
+
+impl FoldBatchNorm for ResNet {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        match &mut self.stem {
+            Stem::Torchvision { conv1, bn1 } => conv1.fold_bn(bn1)?,
+            Stem::Deep { convs } => {
+                for (c, b) in convs {
+                    c.fold_bn(b)?;
+                }
+            }
+        }
+        for layer in &mut self.layers {
+            for u in layer {
+                u.fold_batch_norm()?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -35,8 +35,8 @@ use crate::{Backbone, FeatureInfo, OutputStride};
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use deeplab_ops::{
-    Activation, BatchNormConfig, Conv2dGeometry, ConvBnAct, MacCounter, SeparableActivation,
-    SeparableConv2d, SeparableConv2dConfig,
+    Activation, BatchNormConfig, Conv2dGeometry, ConvBnAct, FoldBatchNorm, MacCounter,
+    SeparableActivation, SeparableConv2d, SeparableConv2dConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -273,6 +273,16 @@ impl Unit {
         Ok((y, b))
     }
 
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        for conv in &mut self.convs {
+            conv.fold_batch_norm()?;
+        }
+        if let Some(s) = &mut self.shortcut {
+            s.fold_batch_norm()?;
+        }
+        Ok(())
+    }
+
     fn count(
         &self,
         input: (usize, usize),
@@ -458,6 +468,18 @@ impl Xception {
             s = out;
         }
         Ok(vec![tap, s])
+    }
+}
+
+impl FoldBatchNorm for Xception {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        for s in &mut self.stem {
+            s.fold_batch_norm()?;
+        }
+        for u in &mut self.units {
+            u.fold_batch_norm()?;
+        }
+        Ok(())
     }
 }
 

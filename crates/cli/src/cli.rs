@@ -15,7 +15,7 @@ use deeplab_data::{
     io::{read_rgb_image, save_palette_png, save_rgb_png},
     render, BoundaryDefinition, ClassTable, DatasetFormat, ErrorPolicy,
 };
-use deeplab_heads::{DeepLabConfig, DeepLabModel, InputNormalization};
+use deeplab_heads::{DeepLabConfig, DeepLabModel, FoldBatchNorm, InputNormalization};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +34,15 @@ pub struct Cli {
     /// No progress bars.
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Keep BatchNorm layers as separate passes at inference (by default eval, predict and
+    /// bench fold each into its convolution's output pass; the outputs are identical).
+    #[arg(long, global = true)]
+    pub no_fold: bool,
+    /// Element type of inference (eval, predict, bench): f32, or f16 (weights, convolutions
+    /// and matmuls in half precision; BatchNorm and our kernels' arithmetic in f32). bf16 is
+    /// not offered: candle's CPU matmul has no bf16 kernel.
+    #[arg(long, global = true, value_enum, default_value_t = InferDType::F32)]
+    pub dtype: InferDType,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -434,6 +443,17 @@ pub struct BenchArgs {
     /// Timed passes.
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    /// Time a training step instead (forward in training mode, cross-entropy on random labels,
+    /// backward, SGD update): reports images/s of training.
+    #[arg(long)]
+    pub train: bool,
+    /// Print one JSON line (for scripts such as benches/peers/e2e.py) after the text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also print where the time goes: each layer kind's share of a pass, and the costliest
+    /// individual layer shapes.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// `deeplab convert`.
@@ -526,6 +546,12 @@ pub fn run(cli: Cli) -> Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let progress = !cli.quiet;
+    FOLD.store(!cli.no_fold, std::sync::atomic::Ordering::Relaxed);
+    let code = match cli.dtype {
+        InferDType::F16 => 1,
+        InferDType::F32 => 0,
+    };
+    INFER_DTYPE.store(code, std::sync::atomic::Ordering::Relaxed);
     let device = Device::Cpu;
     match cli.command {
         Command::Eval(a) => cmd_eval(a, progress, &device),
@@ -538,9 +564,47 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Element type of inference (`--dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InferDType {
+    /// 32-bit floats.
+    F32,
+    /// IEEE half precision.
+    F16,
+}
+
+/// Whether inference models get their BatchNorms folded (`--no-fold` clears it).
+static FOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// `--dtype` of inference, as a code (0 f32, 1 f16).
+static INFER_DTYPE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn infer_dtype() -> DType {
+    match INFER_DTYPE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => DType::F16,
+        _ => DType::F32,
+    }
+}
+
+fn fold_enabled() -> bool {
+    FOLD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Loads a weight file for inference (BatchNorms folded unless `--no-fold`).
 fn load(weights: &str, device: &Device, os: Option<usize>) -> Result<LoadedModel> {
     let path = files::resolve_weights(weights)?;
-    files::load_model(&path, device, output_stride(os, "--output-stride")?)
+    let mut loaded = files::load_model_as(
+        &path,
+        device,
+        output_stride(os, "--output-stride")?,
+        infer_dtype(),
+    )?;
+    if fold_enabled() {
+        loaded
+            .model
+            .fold_batch_norm()
+            .with_context(|| format!("{}: folding BatchNorm", path.display()))?;
+    }
+    Ok(loaded)
 }
 
 fn parse_scales(s: &str) -> Result<Vec<f64>> {
@@ -1064,39 +1128,111 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
     if a.batch == 0 || a.iters == 0 {
         bail!("--batch and --iters must be at least 1");
     }
-    let model = match &a.weights {
-        Some(wt) => load(wt, device, None)?.model,
-        None => {
-            let cfg = a.model.config(21)?;
-            let vm = candle_nn::VarMap::new();
-            let m = DeepLabModel::new(
-                &cfg,
-                candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
-            )?;
-            crate::init::init_seeded(&vm, 0)?;
-            m
-        }
-    };
-    let cfg = model.config().clone();
-    let count = cfg.count((h, w))?;
+    if a.train && a.batch == 1 {
+        bail!("--train needs --batch of at least 2 (BatchNorm batch statistics)");
+    }
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let x = crate::init::initial_value("bench.input.weight", &[a.batch, 3, h, w], 1, device)?;
-    let run = || -> Result<f64> {
-        let t = Instant::now();
-        let y = model.forward_output(&x, false)?.upsampled;
-        // make sure the result is materialized
-        let _ = y.dims();
-        Ok(t.elapsed().as_secs_f64())
+    // a seeded, trainable model (random weights) or the weight file's
+    let (cfg, vm) = match &a.weights {
+        Some(wt) => {
+            let loaded = load(wt, device, None)?;
+            let cfg = loaded.model.config().clone();
+            let vm = candle_nn::VarMap::new();
+            DeepLabModel::new(
+                &cfg,
+                candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
+            )?;
+            let st = candle_core::safetensors::load(wt, device)
+                .with_context(|| format!("reading {wt}"))?;
+            for (name, var) in vm
+                .data()
+                .lock()
+                .map_err(|_| anyhow::anyhow!("lock"))?
+                .iter()
+            {
+                if let Some(t) = st.get(name) {
+                    var.set(&t.to_dtype(DType::F32)?)?;
+                }
+            }
+            (cfg, vm)
+        }
+        None => {
+            let cfg = a.model.config(21)?;
+            let cfg = if a.train {
+                train::training_config(&cfg, BatchNormMode::Train { momentum: 0.1 })
+            } else {
+                cfg
+            };
+            let vm = candle_nn::VarMap::new();
+            DeepLabModel::new(
+                &cfg,
+                candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
+            )?;
+            crate::init::init_seeded(&vm, 0)?;
+            (cfg, vm)
+        }
+    };
+    let count = cfg.count((h, w))?;
+    let mut step: Box<dyn FnMut() -> Result<()>> = if a.train {
+        let model = DeepLabModel::new(
+            &cfg,
+            candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
+        )?;
+        let classes = cfg.num_classes as u32;
+        let labels: Vec<u32> = (0..a.batch * h * w)
+            .map(|i| ((i / w / 16 + i % w / 16) as u32) % classes)
+            .collect();
+        let y = Tensor::from_vec(labels, (a.batch, h, w), device)?;
+        let params = train::trainable(&vm, BatchNormMode::Train { momentum: 0.1 })?;
+        let mut opt = crate::optim::Sgd::new(params, SgdConfig::paper(&cfg.backbone))
+            .map_err(anyhow::Error::msg)?;
+        Box::new(move || {
+            let logits = model.forward_output(&x, true)?.upsampled;
+            let loss = deeplab_ops::cross_entropy(&logits, &y, 255)?;
+            let grads = loss.backward()?;
+            opt.step(&grads, 1e-4)?;
+            Ok(())
+        })
+    } else {
+        // Inference runs on plain (detached) tensors: a model made of `Var`s records the graph
+        // of every forward pass and keeps all its activations alive, as training needs.
+        let tensors = vm
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        drop(vm);
+        let mut model = DeepLabModel::new(
+            &cfg,
+            candle_nn::VarBuilder::from_tensors(tensors, infer_dtype(), device),
+        )?;
+        let x = x.to_dtype(infer_dtype())?;
+        if fold_enabled() {
+            model.fold_batch_norm()?;
+        }
+        Box::new(move || {
+            let y = model.forward_output(&x, false)?.upsampled;
+            // make sure the result is materialized
+            let _ = y.dims();
+            Ok(())
+        })
     };
     for _ in 0..a.warmup {
-        run()?;
+        step()?;
     }
+    deeplab_ops::profile::enable(a.profile);
+    let _ = deeplab_ops::profile::take();
     let mut times = Vec::with_capacity(a.iters);
     for _ in 0..a.iters {
-        times.push(run()?);
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     let median = if times.len() % 2 == 1 {
@@ -1105,8 +1241,14 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
         0.5 * (times[times.len() / 2 - 1] + times[times.len() / 2])
     };
     let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let (what, whats) = if a.train {
+        ("training step", "training steps")
+    } else {
+        ("pass", "passes")
+    };
+    let peak = peak_rss_mib();
     println!(
-        "{} output stride {}, input {}x{}x{}x{}, {:.2}M parameters, {:.2} GMACs per image, {threads} threads, {} warm-up + {} timed passes",
+        "{} output stride {}, input {}x{}x{}x{}, {:.2}M parameters, {:.2} GMACs per image, {threads} threads, {} warm-up + {} timed {whats}",
         describe(&cfg),
         cfg.output_stride(),
         a.batch,
@@ -1119,15 +1261,112 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
         a.iters
     );
     println!(
-        "latency per pass: median {:.1} ms, mean {:.1} ms, min {:.1} ms, max {:.1} ms; throughput {:.2} images/s ({:.1} GMAC/s)",
+        "latency per {what}: median {:.1} ms, mean {:.1} ms, min {:.1} ms, max {:.1} ms; throughput {:.2} images/s ({:.1} GMAC/s{}); peak RSS {}",
         median * 1e3,
         mean * 1e3,
         times[0] * 1e3,
         times[times.len() - 1] * 1e3,
         a.batch as f64 / median,
-        count.gmacs() * a.batch as f64 / median
+        count.gmacs() * a.batch as f64 / median,
+        if a.train { " of forward work" } else { "" },
+        peak.map_or("n/a".to_string(), |m| format!("{m:.0} MiB"))
     );
+    if a.profile {
+        deeplab_ops::profile::enable(false);
+        print_profile(deeplab_ops::profile::take(), a.iters, mean);
+    }
+    if a.json {
+        let matmul = matmul_gflops(device)?;
+        let rec = serde_json::json!({
+            "matmul_gflops": matmul,
+            "model": describe(&cfg), "output_stride": cfg.output_stride().to_string(),
+            "mode": if a.train { "train" } else { "inference" },
+            "batch": a.batch, "height": h, "width": w, "threads": threads,
+            "params": count.params, "gmacs": count.gmacs(),
+            "median_s": median, "mean_s": mean, "min_s": times[0],
+            "max_s": times[times.len() - 1], "images_per_s": a.batch as f64 / median,
+            "peak_rss_mib": peak,
+        });
+        println!("{rec}");
+    }
     Ok(())
+}
+
+/// Prints a `--profile` table: time per pass by layer kind (with the unattributed rest) and
+/// the costliest layer shapes.
+fn print_profile(
+    rows: Vec<((String, String), deeplab_ops::profile::Entry)>,
+    iters: usize,
+    mean: f64,
+) {
+    let per = |s: f64| s / iters as f64 * 1e3;
+    let mut kinds: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    for ((k, _), e) in &rows {
+        let v = kinds.entry(k.clone()).or_default();
+        v.0 += e.calls;
+        v.1 += e.seconds;
+    }
+    let mut kinds: Vec<_> = kinds.into_iter().collect();
+    kinds.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    let total_ms = mean * 1e3;
+    println!("profile (per pass, mean of {iters}; wall time of each layer call):");
+    println!("| layer kind | calls | ms | share |");
+    println!("|---|---:|---:|---:|");
+    let mut attributed = 0.0;
+    for (k, (calls, secs)) in &kinds {
+        attributed += per(*secs);
+        println!(
+            "| {k} | {} | {:.1} | {:.1}% |",
+            calls / iters as u64,
+            per(*secs),
+            100.0 * per(*secs) / total_ms
+        );
+    }
+    println!(
+        "| other (adds, concat, pooling, copies, glue) | - | {:.1} | {:.1}% |",
+        total_ms - attributed,
+        100.0 * (total_ms - attributed) / total_ms
+    );
+    let mut top = rows;
+    top.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+    println!("costliest layer shapes:");
+    println!("| layer | shape | calls | ms |");
+    println!("|---|---|---:|---:|");
+    for ((k, d), e) in top.iter().take(12) {
+        println!(
+            "| {k} | {d} | {} | {:.1} |",
+            e.calls / iters as u64,
+            per(e.seconds)
+        );
+    }
+}
+
+/// The f32 rate (GFLOP/s) of candle's matmul on this device and thread count: the median of
+/// seven 1024x1024x1024 products, the yardstick of the "matmul-bound" time of a model.
+fn matmul_gflops(device: &Device) -> Result<f64> {
+    let n = 1024;
+    let a = crate::init::initial_value("bench.matmul.a", &[n, n], 1, device)?;
+    let b = crate::init::initial_value("bench.matmul.b", &[n, n], 1, device)?;
+    let mut times = Vec::new();
+    for i in 0..9 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        let _ = c.dims();
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * (n * n * n) as f64 / times[times.len() / 2] / 1e9)
+}
+
+/// The process's peak resident set size in MiB (`VmHWM` of `/proc/self/status`; Linux only).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn cmd_convert(a: ConvertArgs) -> Result<()> {

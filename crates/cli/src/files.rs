@@ -245,6 +245,16 @@ pub fn load_model(
     device: &Device,
     output_stride: Option<OutputStride>,
 ) -> Result<LoadedModel> {
+    load_model_as(path, device, output_stride, candle_core::DType::F32)
+}
+
+/// [`load_model`] with the network held and run in `dtype` (F32, F16 or BF16).
+pub fn load_model_as(
+    path: &Path,
+    device: &Device,
+    output_stride: Option<OutputStride>,
+    dtype: candle_core::DType,
+) -> Result<LoadedModel> {
     if !path.exists() {
         bail!("{}: weight file not found", path.display());
     }
@@ -270,9 +280,11 @@ pub fn load_model(
             .into_iter()
             .filter(|(k, _)| !k.starts_with(MOMENTUM_PREFIX))
             .collect();
-        DeepLabModel::from_tensors(path, &cfg, tensors, device)?
+        DeepLabModel::from_tensors_as(path, &cfg, tensors, device, dtype)?
     } else {
-        DeepLabModel::load_with(path, device, adjust)?
+        let wf = deeplab_heads::weights::read_weights(path, device)?;
+        let cfg = adjust(&wf.config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        DeepLabModel::from_tensors_as(path, &cfg, wf.tensors, device, dtype)?
     };
     Ok(LoadedModel {
         model,

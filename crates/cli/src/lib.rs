@@ -34,6 +34,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod cli;
 pub mod evaluate;
 pub mod files;

@@ -3,7 +3,11 @@
 
 use clap::Parser;
 
+#[global_allocator]
+static GLOBAL: deeplab_cli::alloc::Allocator = deeplab_cli::alloc::Allocator {};
+
 fn main() {
+    deeplab_cli::alloc::configure();
     let cli = match deeplab_cli::cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

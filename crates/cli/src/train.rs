@@ -386,7 +386,7 @@ impl BnRescale {
 
 /// Which variables the optimizer updates: everything but the running statistics, and, with
 /// frozen BatchNorm, not the BatchNorm scales and shifts either.
-fn trainable(varmap: &VarMap, bn: BatchNormMode) -> Result<Vec<(String, Var)>> {
+pub(crate) fn trainable(varmap: &VarMap, bn: BatchNormMode) -> Result<Vec<(String, Var)>> {
     let all = init::sorted_vars(varmap)?;
     let bn_prefixes: std::collections::HashSet<String> = all
         .iter()

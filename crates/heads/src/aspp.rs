@@ -15,8 +15,8 @@ use crate::Intermediates;
 use candle_core::{bail, ModuleT, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use deeplab_ops::{
-    Activation, BatchNormConfig, Conv2dGeometry, ConvBnAct, MacCounter, SeparableActivation,
-    SeparableConv2d, SeparableConv2dConfig,
+    Activation, BatchNormConfig, Conv2dGeometry, ConvBnAct, FoldBatchNorm, MacCounter,
+    SeparableActivation, SeparableConv2d, SeparableConv2dConfig,
 };
 
 /// Hyper-parameters of an [`Aspp`] module.
@@ -77,6 +77,15 @@ enum AtrousBranch {
     Separable(SeparableConv2d),
 }
 
+impl FoldBatchNorm for AtrousBranch {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        match self {
+            AtrousBranch::Plain(c) => c.fold_batch_norm(),
+            AtrousBranch::Separable(c) => c.fold_batch_norm(),
+        }
+    }
+}
+
 /// The ASPP module.
 #[derive(Clone, Debug)]
 pub struct Aspp {
@@ -86,6 +95,19 @@ pub struct Aspp {
     project: ConvBnAct,
     dropout: f32,
     channels: usize,
+}
+
+impl FoldBatchNorm for Aspp {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        if let Some(p) = &mut self.pooling {
+            p.fold_batch_norm()?;
+        }
+        self.conv1x1.fold_batch_norm()?;
+        for a in &mut self.atrous {
+            a.fold_batch_norm()?;
+        }
+        self.project.fold_batch_norm()
+    }
 }
 
 impl Aspp {

@@ -17,7 +17,8 @@ use candle_core::{bail, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use deeplab_ops::{
     resize_bilinear, scale_dimension, Activation, BatchNormConfig, Conv2dGeometry, ConvBnAct,
-    MacCounter, ResizeMode, SeparableActivation, SeparableConv2d, SeparableConv2dConfig,
+    FoldBatchNorm, MacCounter, ResizeMode, SeparableActivation, SeparableConv2d,
+    SeparableConv2dConfig,
 };
 
 /// Hyper-parameters of a [`Decoder`].
@@ -72,6 +73,15 @@ enum RefineConv {
     Separable(SeparableConv2d),
 }
 
+impl FoldBatchNorm for RefineConv {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        match self {
+            RefineConv::Plain(c) => c.fold_batch_norm(),
+            RefineConv::Separable(c) => c.fold_batch_norm(),
+        }
+    }
+}
+
 /// The decoder module.
 #[derive(Clone, Debug)]
 pub struct Decoder {
@@ -80,6 +90,16 @@ pub struct Decoder {
     output_stride: usize,
     mode: ResizeMode,
     channels: usize,
+}
+
+impl FoldBatchNorm for Decoder {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.project.fold_batch_norm()?;
+        for c in &mut self.convs {
+            c.fold_batch_norm()?;
+        }
+        Ok(())
+    }
 }
 
 impl Decoder {

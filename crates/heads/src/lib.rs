@@ -90,6 +90,7 @@ pub mod weights;
 pub use aspp::{Aspp, AsppConfig};
 pub use config::{AsppSettings, DecoderSettings, DeepLabConfig, InputNormalization};
 pub use decoder::{Decoder, DecoderConfig};
+pub use deeplab_ops::FoldBatchNorm;
 pub use error::{ModelError, Result};
 pub use keys::{KeyRecorder, TensorKey};
 pub use model::{DeepLabModel, DeepLabOutput, DeepLabV3, DeepLabV3Plus, ModelCount};

@@ -19,7 +19,7 @@ use candle_core::{bail, DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use deeplab_backbones::{AnyBackbone, Backbone};
 use deeplab_ops::{
-    resize_bilinear, BatchNormConfig, Conv2d, Conv2dGeometry, MacCounter, ResizeMode,
+    resize_bilinear, BatchNormConfig, Conv2d, Conv2dGeometry, FoldBatchNorm, MacCounter, ResizeMode,
 };
 use std::collections::HashMap;
 use std::path::Path;
@@ -320,6 +320,38 @@ pub enum DeepLabModel {
     V3Plus(DeepLabV3Plus),
 }
 
+impl FoldBatchNorm for Common {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.backbone.fold_batch_norm()?;
+        self.aspp.fold_batch_norm()
+    }
+}
+
+impl FoldBatchNorm for DeepLabV3 {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.common.fold_batch_norm()
+    }
+}
+
+impl FoldBatchNorm for DeepLabV3Plus {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.common.fold_batch_norm()?;
+        self.decoder.fold_batch_norm()
+    }
+}
+
+/// Folds every BatchNorm into the convolution before it, for inference (see
+/// [`FoldBatchNorm`]): the same evaluation-mode outputs, fewer passes over memory; the folded
+/// model cannot train. `deeplab eval`, `predict` and `bench` fold by default.
+impl FoldBatchNorm for DeepLabModel {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        match self {
+            DeepLabModel::V3(m) => m.fold_batch_norm(),
+            DeepLabModel::V3Plus(m) => m.fold_batch_norm(),
+        }
+    }
+}
+
 impl DeepLabModel {
     /// Builds the model `config` describes, loading (or initializing) its weights from `vb`.
     pub fn new(config: &DeepLabConfig, vb: VarBuilder) -> Result<Self> {
@@ -362,6 +394,21 @@ impl DeepLabModel {
         tensors: HashMap<String, Tensor>,
         device: &Device,
     ) -> FileResult<Self> {
+        Self::from_tensors_as(path, config, tensors, device, DType::F32)
+    }
+
+    /// [`DeepLabModel::from_tensors`] with the weights held (and the network run) in `dtype`:
+    /// F32, or F16 / BF16 for half-precision inference (BatchNorm statistics, the folded
+    /// epilogues and the custom kernels' arithmetic stay f32; matmuls and convolutions run in
+    /// `dtype`). [`DeepLabModel::normalize`] converts inputs to `dtype`, and the logits come
+    /// back as F32.
+    pub fn from_tensors_as(
+        path: &Path,
+        config: &DeepLabConfig,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> FileResult<Self> {
         config.validate().map_err(|detail| ModelError::Config {
             path: path.to_path_buf(),
             detail,
@@ -372,8 +419,13 @@ impl DeepLabModel {
             &keys,
             tensors.iter().map(|(n, t)| (n.as_str(), t.dims())),
         )?;
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Self::new(config, vb).map_err(|e| ModelError::candle(path, e))
+    }
+
+    /// The element type of the weights (and of the activations inside the network).
+    pub fn dtype(&self) -> DType {
+        self.common().classifier.weight().dtype()
     }
 
     /// The configuration the model was built from.
@@ -414,15 +466,26 @@ impl DeepLabModel {
     /// Normalizes raw RGB pixels (0..255, NCHW) as the weights expect
     /// ([`DeepLabConfig::normalization`]).
     pub fn normalize(&self, raw: &Tensor) -> Result<Tensor> {
-        self.config().normalization.apply(raw)
+        self.config()
+            .normalization
+            .apply(raw)?
+            .to_dtype(self.dtype())
     }
 
-    /// Runs on a normalized NCHW batch; returns the low-resolution and upsampled logits.
+    /// Runs on a normalized NCHW batch; returns the low-resolution and upsampled logits
+    /// (F32 whatever the model's dtype).
     pub fn forward_output(&self, x: &Tensor, train: bool) -> Result<DeepLabOutput> {
-        match self {
-            Self::V3(m) => m.run(x, train, None),
-            Self::V3Plus(m) => m.run(x, train, None),
+        let out = match self {
+            Self::V3(m) => m.run(x, train, None)?,
+            Self::V3Plus(m) => m.run(x, train, None)?,
+        };
+        if out.logits.dtype() == DType::F32 {
+            return Ok(out);
         }
+        Ok(DeepLabOutput {
+            logits: out.logits.to_dtype(DType::F32)?,
+            upsampled: out.upsampled.to_dtype(DType::F32)?,
+        })
     }
 
     /// Runs in evaluation mode and returns every named intermediate (NCHW), under the names of

@@ -25,12 +25,29 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation with candle ops (differentiable).
+    /// Applies the activation (differentiable). On the CPU with f32 it is one custom op whose
+    /// backward is a single masked pass; candle's own `relu` / `clamp` backwards take four to
+    /// eight passes and as many temporaries. Elsewhere it is candle's ops.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::None => Ok(x.clone()),
+            _ if x.device().is_cpu() && x.dtype() == DType::F32 => crate::profile::record(
+                "activation",
+                || format!("{self:?} {}", crate::profile::dims(x)),
+                || x.contiguous()?.apply_op1(ActFwd { act: self }),
+            ),
             Activation::Relu => x.relu(),
             Activation::Relu6 => x.clamp(0f32, 6f32),
+        }
+    }
+
+    /// Whether the activation passes the gradient at output value `y`.
+    #[inline(always)]
+    fn passes(self, y: f32) -> bool {
+        match self {
+            Activation::None => true,
+            Activation::Relu => y > 0.0,
+            Activation::Relu6 => y > 0.0 && y < 6.0,
         }
     }
 
@@ -41,6 +58,77 @@ impl Activation {
             Activation::Relu => v.max(0.0),
             Activation::Relu6 => v.clamp(0.0, 6.0),
         }
+    }
+}
+
+/// Forward of an activation on an f32 CPU tensor (one pass); backward: [`ActBwd`].
+struct ActFwd {
+    act: Activation,
+}
+
+impl candle_core::CustomOp1 for ActFwd {
+    fn name(&self) -> &'static str {
+        "activation"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(self.name(), xs, xl)?;
+        let mut out = vec![0f32; x.len()];
+        let act = self.act;
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(o, x)| {
+                multiversion!(|| o.iter_mut().zip(x).for_each(|(o, v)| *o = act.scalar(*v)))
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(g.apply_op2_no_bwd(
+            &res.contiguous()?,
+            &ActBwd { act: self.act },
+        )?))
+    }
+}
+
+/// Gradient of an activation from its output: `grad * passes(y)`, one pass.
+struct ActBwd {
+    act: Activation,
+}
+
+impl candle_core::CustomOp2 for ActBwd {
+    fn name(&self) -> &'static str {
+        "activation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(self.name(), gs, gl)?;
+        let y = f32_slice(self.name(), ys, yl)?;
+        if g.len() != y.len() {
+            bail!(
+                "activation backward: gradient {:?} vs output {:?}",
+                gl.dims(),
+                yl.dims()
+            )
+        }
+        let mut out = vec![0f32; g.len()];
+        let act = self.act;
+        out.par_chunks_mut(1 << 14)
+            .zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+            .for_each(|(o, (g, y))| {
+                multiversion!(|| o
+                    .iter_mut()
+                    .zip(g.iter().zip(y))
+                    .for_each(|(o, (g, y))| *o = if act.passes(*y) { *g } else { 0.0 }))
+            });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }
 
@@ -478,6 +566,19 @@ pub fn channel_affine(
     shift: &Tensor,
     act: Activation,
 ) -> Result<Tensor> {
+    crate::profile::record(
+        "bn / epilogue",
+        || format!("{act:?} {}", crate::profile::dims(x)),
+        || channel_affine_inner(x, scale, shift, act),
+    )
+}
+
+fn channel_affine_inner(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     if scale.dims() != [c] || shift.dims() != [c] {
         bail!(
@@ -504,6 +605,56 @@ pub fn channel_affine(
         .to_dtype(dtype)
 }
 
+/// The per-channel epilogue of a convolution whose BatchNorm was folded into it:
+/// `act(y * scale[c] + shift[c])`, applied in the pass that produces `y` where the kernel
+/// supports it, else in one extra pass ([`channel_affine`]).
+#[derive(Clone, Debug)]
+pub struct Epilogue {
+    /// Per-channel multiplier `[C]` (f32).
+    pub scale: Tensor,
+    /// Per-channel offset `[C]` (f32).
+    pub shift: Tensor,
+    /// Activation after the affine map.
+    pub act: Activation,
+    /// `scale` and `shift` on the host, for kernels that fuse the epilogue.
+    pub(crate) host: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Epilogue {
+    /// The epilogue that folds `bn` (see [`BatchNorm2d::fold`]), with the bias of the
+    /// convolution (if any) moved into the shift: `(y + b) * s + t = y * s + (b * s + t)`.
+    pub fn fold(bn: &mut BatchNorm2d, conv_bias: Option<&Tensor>) -> Result<Self> {
+        let c = bn.channels();
+        if conv_bias.is_some_and(|b| b.dims() != [c]) {
+            bail!(
+                "batch_norm: {c} channels cannot fold over a conv bias {:?}",
+                conv_bias.map(|b| b.dims().to_vec())
+            )
+        }
+        let (scale, shift, act) = bn.fold()?;
+        let shift = match conv_bias {
+            Some(b) => ((b.detach().to_dtype(DType::F32)? * &scale)? + shift)?,
+            None => shift,
+        };
+        let host = if scale.device().is_cpu() {
+            Some((scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?))
+        } else {
+            None
+        };
+        Ok(Self {
+            scale,
+            shift,
+            act,
+            host,
+        })
+    }
+
+    /// Applies the epilogue to an NCHW tensor in one pass.
+    pub fn apply(&self, y: &Tensor) -> Result<Tensor> {
+        channel_affine(y, &self.scale, &self.shift, self.act)
+    }
+}
+
 /// 2-D batch normalization over the channels of an NCHW tensor.
 #[derive(Clone, Debug)]
 pub struct BatchNorm2d {
@@ -513,6 +664,7 @@ pub struct BatchNorm2d {
     running_var: Var,
     config: BatchNormConfig,
     act: Activation,
+    folded: bool,
 }
 
 impl BatchNorm2d {
@@ -535,6 +687,7 @@ impl BatchNorm2d {
             running_var: Var::from_tensor(&running_var)?,
             config,
             act: Activation::None,
+            folded: false,
         })
     }
 
@@ -570,14 +723,48 @@ impl BatchNorm2d {
     }
 
     /// The evaluation-mode per-channel `(scale, shift)`: `y = x * scale + shift`.
+    ///
+    /// The running statistics enter detached: they are `Var`s (so training can update them in
+    /// place) but never need a gradient, and a tracked `Var` here would make every
+    /// evaluation-mode output record its computation graph, keeping all intermediate
+    /// activations of a forward pass alive until its output is dropped. `weight` and `bias`
+    /// stay attached, so frozen-BN training still trains them.
     pub fn folded(&self) -> Result<(Tensor, Tensor)> {
-        let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?
+        let inv = (self.running_var.as_tensor().detach().to_dtype(DType::F32)? + self.config.eps)?
             .sqrt()?
             .recip()?;
         let scale = (self.weight.to_dtype(DType::F32)? * inv)?;
         let shift = (self.bias.to_dtype(DType::F32)?
-            - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
+            - (self
+                .running_mean
+                .as_tensor()
+                .detach()
+                .to_dtype(DType::F32)?
+                * &scale)?)?;
         Ok((scale, shift))
+    }
+
+    /// Folds this layer into the convolution before it, for inference: returns the
+    /// evaluation-mode `(scale, shift)` and activation that convolution applies to its output
+    /// in the same pass (`act(conv * scale + shift)`), and turns this layer into the identity.
+    /// A folded layer refuses training-mode forwards.
+    ///
+    /// The convolution's weights are not rescaled: `act(conv(x, w) * scale + shift)` is the
+    /// exact arithmetic of the unfolded layers, so folding changes no output bit, while
+    /// `conv(x, w * scale)` rounds differently, and deep networks amplify that (on the
+    /// official reference models it moves the logits by 1e-4 of their scale).
+    pub fn fold(&mut self) -> Result<(Tensor, Tensor, Activation)> {
+        if self.folded {
+            bail!("batch_norm: already folded into its convolution")
+        }
+        let (scale, shift) = self.folded()?;
+        self.folded = true;
+        Ok((scale, shift, self.act))
+    }
+
+    /// Whether [`BatchNorm2d::fold`] turned this layer into the identity.
+    pub fn is_folded(&self) -> bool {
+        self.folded
     }
 
     fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
@@ -604,18 +791,62 @@ impl ModuleT for BatchNorm2d {
                 x.dims()
             )
         }
+        if self.folded {
+            if train {
+                bail!("batch_norm: this layer was folded into its convolution for inference and cannot train")
+            }
+            return Ok(x.clone());
+        }
         if train {
             let (y, mean, var) = batch_norm_train(x, &self.weight, &self.bias, self.config.eps)?;
             self.update_running(&mean, &var, n * h * w)?;
             self.act.apply(&y)
         } else {
-            let inv = (self.running_var.as_tensor().to_dtype(DType::F32)? + self.config.eps)?
-                .sqrt()?
-                .recip()?;
-            let scale = (self.weight.to_dtype(DType::F32)? * inv)?;
-            let shift = (self.bias.to_dtype(DType::F32)?
-                - (self.running_mean.as_tensor().to_dtype(DType::F32)? * &scale)?)?;
+            let (scale, shift) = self.folded()?;
             channel_affine(x, &scale, &shift, self.act)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The fused activation op against candle's `relu` / `clamp`: values and gradients.
+    #[test]
+    fn activation_op_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        // values spread over [-9, 9], away from the kinks at 0 and 6
+        let v: Vec<f32> = (0..2 * 3 * 7 * 5)
+            .map(|i| ((i * 37 % 181) as f32 - 90.0) / 10.0 + 0.05)
+            .collect();
+        let x = Var::from_tensor(&Tensor::from_vec(v, (2, 3, 7, 5), &dev)?)?;
+        let w = Tensor::arange(0f32, 210.0, &dev)?.reshape((2, 3, 7, 5))?;
+        for (act, reference) in [
+            (Activation::Relu, x.as_tensor().relu()?),
+            (Activation::Relu6, x.as_tensor().clamp(0f32, 6f32)?),
+        ] {
+            let y = act.apply(x.as_tensor())?;
+            assert_eq!(y.dims(), &[2, 3, 7, 5]);
+            let d = (&y - &reference)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{act:?} forward");
+            let g = (y * &w)?.sum_all()?.backward()?;
+            let g_ref = (reference * &w)?.sum_all()?.backward()?;
+            let (a, b) = (g.get(&x).expect("grad"), g_ref.get(&x).expect("grad"));
+            let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{act:?} gradient");
+            // the gradient is not trivially zero or the identity
+            let s = a.sum_all()?.to_scalar::<f32>()?;
+            assert!(
+                s > 0.0 && s < w.sum_all()?.to_scalar::<f32>()?,
+                "{act:?}: {s}"
+            );
+        }
+        Ok(())
     }
 }

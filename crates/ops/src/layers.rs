@@ -3,7 +3,7 @@
 //! `SeparableConv2d` (`conv_dw`, `bn_dw`, `conv_pw`, `bn_pw`, as timm's `xception_aligned`) and
 //! `ConvBnAct` (`conv`, `bn`).
 
-use crate::batch_norm::{Activation, BatchNorm2d, BatchNormConfig};
+use crate::batch_norm::{Activation, BatchNorm2d, BatchNormConfig, Epilogue};
 use crate::geometry::Conv2dGeometry;
 use crate::macs::MacCounter;
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
@@ -25,6 +25,8 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     geom: Conv2dGeometry,
     groups: usize,
+    /// A folded BatchNorm (and activation), applied in one pass with the bias.
+    epilogue: Option<Epilogue>,
 }
 
 impl Conv2d {
@@ -66,6 +68,7 @@ impl Conv2d {
             bias,
             geom,
             groups,
+            epilogue: None,
         })
     }
 
@@ -76,7 +79,25 @@ impl Conv2d {
             bias,
             geom,
             groups: 1,
+            epilogue: None,
         }
+    }
+
+    /// Folds `bn` (the BatchNorm after this convolution, with its activation) into this
+    /// layer's output pass for inference; `bn` becomes the identity (see
+    /// [`BatchNorm2d::fold`]).
+    pub fn fold_bn(&mut self, bn: &mut BatchNorm2d) -> Result<()> {
+        if self.epilogue.is_some() {
+            bail!("conv2d: a BatchNorm was already folded into this layer")
+        }
+        self.epilogue = Some(Epilogue::fold(bn, self.bias.as_ref())?);
+        self.bias = None;
+        Ok(())
+    }
+
+    /// The folded BatchNorm epilogue, if any.
+    pub fn epilogue(&self) -> Option<&Epilogue> {
+        self.epilogue.as_ref()
     }
 
     /// The weight `[Cout, Cin / groups, kh, kw]`.
@@ -105,7 +126,49 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::conv::conv2d(x, &self.weight, self.bias.as_ref(), &self.geom, self.groups)
+        let (cout, _, kh, kw) = self.weight.dims4()?;
+        let kind = if kh * kw == 1 { "conv 1x1" } else { "conv kxk" };
+        if let Some(Epilogue {
+            host: Some((scale, shift)),
+            act,
+            ..
+        }) = &self.epilogue
+        {
+            let plain = kh == 1
+                && kw == 1
+                && self.groups == 1
+                && self.bias.is_none()
+                && self.geom.stride == (1, 1)
+                && self.geom.padding.is_zero()
+                && x.dtype() == candle_core::DType::F32
+                && self.weight.dtype() == candle_core::DType::F32
+                && x.device().is_cpu();
+            if plain {
+                return crate::profile::record(
+                    "conv 1x1 + epilogue",
+                    || format!("{} -> {cout}", crate::profile::dims(x)),
+                    || crate::pointwise::pointwise_epilogue(x, &self.weight, scale, shift, *act),
+                );
+            }
+        }
+        let y = crate::profile::record(
+            kind,
+            || {
+                format!(
+                    "{}x{} s{} d{} {} -> {cout}",
+                    kh,
+                    kw,
+                    self.geom.stride.0,
+                    self.geom.dilation.0,
+                    crate::profile::dims(x)
+                )
+            },
+            || crate::conv::conv2d(x, &self.weight, self.bias.as_ref(), &self.geom, self.groups),
+        )?;
+        match &self.epilogue {
+            Some(e) => e.apply(&y),
+            None => Ok(y),
+        }
     }
 }
 
@@ -114,6 +177,11 @@ impl Module for Conv2d {
 pub struct DepthwiseConv2d {
     weight: Tensor,
     geom: Conv2dGeometry,
+    /// A folded BatchNorm (and activation), set by [`DepthwiseConv2d::fold_bn`].
+    epilogue: Option<Epilogue>,
+    /// ReLU applied to the input while it is read (Xception's pre-activation), set by
+    /// [`SeparableConv2d`]'s folding.
+    input_relu: bool,
 }
 
 impl DepthwiseConv2d {
@@ -121,7 +189,27 @@ impl DepthwiseConv2d {
     pub fn new(channels: usize, k: usize, geom: Conv2dGeometry, vb: VarBuilder) -> Result<Self> {
         geom.validate()?;
         let weight = vb.get_with_hints((channels, 1, k, k), "weight", kaiming(1, k * k))?;
-        Ok(Self { weight, geom })
+        Ok(Self {
+            weight,
+            geom,
+            epilogue: None,
+            input_relu: false,
+        })
+    }
+
+    /// Folds `bn` (the BatchNorm after this convolution, with its activation) into this
+    /// layer's output pass for inference; `bn` becomes the identity.
+    pub fn fold_bn(&mut self, bn: &mut BatchNorm2d) -> Result<()> {
+        if self.epilogue.is_some() {
+            bail!("depthwise_conv2d: a BatchNorm was already folded into this layer")
+        }
+        self.epilogue = Some(Epilogue::fold(bn, None)?);
+        Ok(())
+    }
+
+    /// The folded BatchNorm epilogue, if any.
+    pub fn epilogue(&self) -> Option<&Epilogue> {
+        self.epilogue.as_ref()
     }
 
     /// The weight `[C, 1, kh, kw]`.
@@ -145,8 +233,39 @@ impl DepthwiseConv2d {
 
 impl Module for DepthwiseConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::depthwise::depthwise_conv2d(x, &self.weight, &self.geom)
+        let x = if self.input_relu {
+            Activation::Relu.apply(x)?
+        } else {
+            x.clone()
+        };
+        let y = crate::profile::record(
+            "depthwise",
+            || {
+                format!(
+                    "s{} d{} {}",
+                    self.geom.stride.0,
+                    self.geom.dilation.0,
+                    crate::profile::dims(&x)
+                )
+            },
+            || crate::depthwise::depthwise_conv2d(&x, &self.weight, &self.geom),
+        )?;
+        match &self.epilogue {
+            Some(e) => e.apply(&y),
+            None => Ok(y),
+        }
     }
+}
+
+/// Inference-time BatchNorm folding: every BatchNorm of a layer (or model) is folded into the
+/// convolution before it, whose output pass then applies the BatchNorm's per-channel scale
+/// and shift and its activation (see [`BatchNorm2d::fold`] for why the weights are not
+/// rescaled). Evaluation-mode outputs are unchanged, with fewer passes over memory; the
+/// folded model cannot train (training-mode forwards of a folded BatchNorm are an error).
+/// Fold once, after loading the weights.
+pub trait FoldBatchNorm {
+    /// Folds every BatchNorm of `self` into its preceding convolution.
+    fn fold_batch_norm(&mut self) -> Result<()>;
 }
 
 /// Where a [`SeparableConv2d`] applies its activation. The official DeepLab uses all three.
@@ -220,7 +339,8 @@ impl SeparableConv2d {
     /// Xception's decoder tap is the pointwise BN output of a specific layer.
     pub fn forward_parts(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let x = match self.act {
-            SeparableActivation::Input => x.relu()?,
+            // once folded, the depthwise conv applies the input ReLU as it reads
+            SeparableActivation::Input if !self.bn_dw.is_folded() => Activation::Relu.apply(x)?,
             _ => x.clone(),
         };
         let d = self.bn_dw.forward_t(&self.conv_dw.forward(&x)?, train)?;
@@ -232,6 +352,17 @@ impl SeparableConv2d {
     pub fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
         let out = self.conv_dw.count(input, c)?;
         self.conv_pw.count(out, c)
+    }
+}
+
+impl FoldBatchNorm for SeparableConv2d {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.conv_dw.fold_bn(&mut self.bn_dw)?;
+        self.conv_pw.fold_bn(&mut self.bn_pw)?;
+        if self.act == SeparableActivation::Input {
+            self.conv_dw.input_relu = true;
+        }
+        Ok(())
     }
 }
 
@@ -272,6 +403,12 @@ impl ConvBnAct {
     /// Counts this layer's multiply-adds for an `input` map; returns the output size.
     pub fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
         self.conv.count(input, c)
+    }
+}
+
+impl FoldBatchNorm for ConvBnAct {
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        self.conv.fold_bn(&mut self.bn)
     }
 }
 

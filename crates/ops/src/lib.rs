@@ -39,17 +39,22 @@ mod im2col;
 mod layers;
 mod loss;
 mod macs;
+mod pointwise;
 mod pool;
+pub mod profile;
 pub mod reference;
 mod resize;
 
-pub use batch_norm::{batch_norm_train, channel_affine, Activation, BatchNorm2d, BatchNormConfig};
+pub use batch_norm::{
+    batch_norm_train, channel_affine, Activation, BatchNorm2d, BatchNormConfig, Epilogue,
+};
 pub use conv::conv2d;
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_fused};
 pub use geometry::{scale_dimension, Conv2dGeometry, Padding2d};
 pub use im2col::{col2im, im2col};
 pub use layers::{
-    Conv2d, ConvBnAct, DepthwiseConv2d, SeparableActivation, SeparableConv2d, SeparableConv2dConfig,
+    Conv2d, ConvBnAct, DepthwiseConv2d, FoldBatchNorm, SeparableActivation, SeparableConv2d,
+    SeparableConv2dConfig,
 };
 pub use loss::cross_entropy;
 pub use macs::MacCounter;

@@ -209,6 +209,14 @@ impl CustomOp1 for ResizeBwd {
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn resize_bilinear(x: &Tensor, size: (usize, usize), mode: ResizeMode) -> Result<Tensor> {
+    crate::profile::record(
+        "resize",
+        || format!("{} -> {}x{}", crate::profile::dims(x), size.0, size.1),
+        || resize_inner(x, size, mode),
+    )
+}
+
+fn resize_inner(x: &Tensor, size: (usize, usize), mode: ResizeMode) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if size.0 == 0 || size.1 == 0 || h == 0 || w == 0 {
         bail!(

@@ -6,7 +6,7 @@ use crate::common::{npy_nchw, rel_err, shared};
 use candle_core::{DType, Device, Tensor};
 use deeplab_heads::convert::{convert_file, ConvertOptions};
 use deeplab_heads::npy::read_npy;
-use deeplab_heads::{DeepLabConfig, DeepLabModel};
+use deeplab_heads::{DeepLabConfig, DeepLabModel, FoldBatchNorm};
 use std::path::Path;
 
 /// Reference intermediate name -> ours, where they differ.
@@ -98,6 +98,50 @@ fn check_official(set: &str, expected: &DeepLabConfig) -> Option<Report> {
     }
 
     check_predictions(set, &up, &up_ref, &dir.join("predictions.npy"));
+
+    // The same with every BatchNorm folded into its convolution (the inference default).
+    let mut folded = model;
+    folded.fold_batch_norm().expect("fold");
+    let finter = folded
+        .forward_with_intermediates(&x)
+        .expect("folded forward");
+    check(
+        "folded: logits",
+        finter.get("logits").expect("logits"),
+        &npy_nchw(&dir.join("logits.npy")),
+    );
+    let fup = finter.get("logits_upsampled").expect("upsampled").clone();
+    check("folded: logits_upsampled", &fup, &up_ref);
+    check_predictions(set, &fup, &up_ref, &dir.join("predictions.npy"));
+    // folding changes no arithmetic: every tap is bit-identical to the unfolded model's
+    for name in [
+        "backbone_features",
+        "low_level_feature",
+        "aspp_output",
+        "logits",
+    ] {
+        let (a, b) = (finter.get(name), inter.get(name));
+        let (a, b) = (a.expect("folded tap"), b.expect("tap"));
+        let same = a
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("vec")
+            == b.flatten_all()
+                .expect("flat")
+                .to_vec1::<f32>()
+                .expect("vec");
+        assert!(
+            same,
+            "{set}: folded {name} differs from the unfolded model's"
+        );
+    }
+    // a folded model refuses to train
+    let e = folded
+        .forward_output(&x, true)
+        .expect_err("folded model must not train")
+        .to_string();
+    assert!(e.contains("folded"), "{e}");
     Some(Report { rows, not_compared })
 }
 
