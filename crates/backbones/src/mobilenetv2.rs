@@ -301,6 +301,14 @@ impl PaddedConv {
                     .join("x")
             )
         };
+        if let Some(e) = &self.epilogue {
+            if self.depthwise {
+                return e.depthwise_conv2d(x, &self.weight, &g, false);
+            }
+            if let Some(y) = e.conv2d(x, &self.weight, &g)? {
+                return Ok(y);
+            }
+        }
         let y = if self.depthwise {
             deeplab_ops::profile::record("depthwise", detail, || {
                 depthwise_conv2d(x, &self.weight, &g)

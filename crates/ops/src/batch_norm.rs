@@ -653,6 +653,115 @@ impl Epilogue {
     pub fn apply(&self, y: &Tensor) -> Result<Tensor> {
         channel_affine(y, &self.scale, &self.shift, self.act)
     }
+
+    /// `act(depthwise_conv2d(relu?(x), w) * scale + shift)`: one pass over the data with the
+    /// fused CPU kernel (f32), else the convolution followed by [`Epilogue::apply`]. The two
+    /// agree bit for bit.
+    pub fn depthwise_conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        geom: &crate::Conv2dGeometry,
+        input_relu: bool,
+    ) -> Result<Tensor> {
+        if let Some((s, t)) = &self.host {
+            if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+                return crate::profile::record(
+                    "depthwise + epilogue",
+                    || {
+                        format!(
+                            "s{} d{} {}",
+                            geom.stride.0,
+                            geom.dilation.0,
+                            crate::profile::dims(x)
+                        )
+                    },
+                    || {
+                        crate::depthwise::depthwise_epilogue(
+                            x,
+                            w,
+                            (s, t),
+                            input_relu,
+                            self.act,
+                            geom,
+                        )
+                    },
+                );
+            }
+        }
+        let x = if input_relu {
+            Activation::Relu.apply(x)?
+        } else {
+            x.clone()
+        };
+        self.apply(&crate::depthwise::depthwise_conv2d(&x, w, geom)?)
+    }
+
+    /// `act(conv2d(x, w) * scale + shift)` for a convolution with one group on the CPU (f32):
+    /// a 1x1 stride-1 unpadded one as the blocked gemm of [`Epilogue::pointwise_conv`], any
+    /// other as im2col + gemm with the epilogue applied to each chunk in cache. `None` where no
+    /// fused kernel applies (the caller convolves, then [`Epilogue::apply`]; the results agree
+    /// bit for bit).
+    pub fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        geom: &crate::Conv2dGeometry,
+    ) -> Result<Option<Tensor>> {
+        if geom.stride == (1, 1) && geom.padding.is_zero() {
+            if let Some(y) = self.pointwise_conv(x, w)? {
+                return Ok(Some(y));
+            }
+        }
+        let Some((s, t)) = &self.host else {
+            return Ok(None);
+        };
+        let (cout, _, kh, kw) = w.dims4()?;
+        if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        crate::profile::record(
+            if kh * kw == 1 {
+                "conv 1x1 + epilogue"
+            } else {
+                "conv kxk + epilogue"
+            },
+            || {
+                format!(
+                    "{kh}x{kw} s{} d{} {} -> {cout}",
+                    geom.stride.0,
+                    geom.dilation.0,
+                    crate::profile::dims(x)
+                )
+            },
+            || crate::conv::conv_gemm_epilogue(x, w, geom, (s, t), self.act),
+        )
+        .map(Some)
+    }
+
+    /// `act(conv1x1(x, w) * scale + shift)` for a 1x1 stride-1 convolution without padding:
+    /// the blocked gemm with the epilogue in its output pass on the CPU (f32), else `None` (the
+    /// caller convolves and then applies [`Epilogue::apply`]; the results agree bit for bit).
+    pub fn pointwise_conv(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+        let Some((s, t)) = &self.host else {
+            return Ok(None);
+        };
+        let (cout, _, kh, kw) = w.dims4()?;
+        if kh != 1
+            || kw != 1
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || w.dtype() != DType::F32
+        {
+            return Ok(None);
+        }
+        crate::profile::record(
+            "conv 1x1 + epilogue",
+            || format!("{} -> {cout}", crate::profile::dims(x)),
+            || crate::pointwise::pointwise_epilogue(x, w, s, t, self.act),
+        )
+        .map(Some)
+    }
 }
 
 /// 2-D batch normalization over the channels of an NCHW tensor.

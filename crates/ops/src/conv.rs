@@ -34,9 +34,11 @@ thread_local! {
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Convolution of `(x, w)` with one group as im2col + gemm.
+/// Convolution of `(x, w)` with one group as im2col + gemm; with `epi`, a folded BatchNorm
+/// `act(y * scale + shift)` applied to each chunk right after its gemm (inference only).
 struct ConvGemm {
     geom: Conv2dGeometry,
+    epi: Option<(Vec<f32>, Vec<f32>, crate::Activation)>,
 }
 
 impl CustomOp2 for ConvGemm {
@@ -116,6 +118,24 @@ impl CustomOp2 for ConvGemm {
                         parallelism,
                     )
                 }
+                if let Some((sc, sh, act)) = &self.epi {
+                    let act = *act;
+                    let rows_out = &mut ob[oy0 * p.wo..];
+                    for o in 0..cout {
+                        let row = &mut rows_out[o * l..o * l + len];
+                        let (a, b) = (sc[o], sh[o]);
+                        multiversion!(|| match act {
+                            crate::Activation::None => {
+                                row.iter_mut().for_each(|v| *v = v.mul_add(a, b))
+                            }
+                            crate::Activation::Relu =>
+                                row.iter_mut().for_each(|v| *v = v.mul_add(a, b).max(0.0)),
+                            crate::Activation::Relu6 => row
+                                .iter_mut()
+                                .for_each(|v| *v = v.mul_add(a, b).clamp(0.0, 6.0)),
+                        });
+                    }
+                }
             }
         }
         SCRATCH.set(buf);
@@ -129,6 +149,9 @@ impl CustomOp2 for ConvGemm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.epi.is_some() {
+            bail!("conv2d with a folded BatchNorm is inference-only (fold after training)")
+        }
         let (n, cin, h, wd) = x.dims4()?;
         let (cout, _, kh, kw) = w.dims4()?;
         let (_, _, ho, wo) = grad.dims4()?;
@@ -154,9 +177,29 @@ impl CustomOp2 for ConvGemm {
     }
 }
 
+/// `act(conv2d(x, w) * scale[o] + shift[o])` as im2col + gemm with the epilogue applied to each
+/// chunk while it is in cache, for an f32 CPU convolution with one group (inference only; the
+/// result equals the unfused convolution followed by [`crate::channel_affine`] bit for bit).
+pub(crate) fn conv_gemm_epilogue(
+    x: &Tensor,
+    w: &Tensor,
+    geom: &Conv2dGeometry,
+    (scale, shift): (&[f32], &[f32]),
+    act: crate::Activation,
+) -> Result<Tensor> {
+    let op = ConvGemm {
+        geom: *geom,
+        epi: Some((scale.to_vec(), shift.to_vec(), act)),
+    };
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
+}
+
 /// [`ConvGemm`] on f32, or through f32 for f16 and bf16.
 fn conv_gemm(x: &Tensor, w: &Tensor, geom: &Conv2dGeometry) -> Result<Tensor> {
-    let op = ConvGemm { geom: *geom };
+    let op = ConvGemm {
+        geom: *geom,
+        epi: None,
+    };
     let w32 = w.to_dtype(DType::F32)?.contiguous()?;
     match x.dtype() {
         DType::F32 => x.contiguous()?.apply_op2(&w32, op),

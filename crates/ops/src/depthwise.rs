@@ -24,6 +24,51 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result,
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+/// The per-plane output transform of the forward kernels: the accumulator starts at `init`
+/// and each output is stored as `act(acc * scale + shift)`. A plain convolution is
+/// `(0, 1, 0)`, a bias `(b, 1, 0)` (exact: `acc * 1 + 0 == acc`), a folded BatchNorm
+/// `(0, s, t)`, the very arithmetic of the separate affine pass it replaces.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Epi {
+    init: f32,
+    scale: f32,
+    shift: f32,
+}
+
+/// Where each channel's [`Epi`] comes from.
+#[derive(Clone, Copy, Debug)]
+enum ChannelEpi<'a> {
+    /// A plain convolution.
+    None,
+    /// A bias per channel.
+    Bias(&'a [f32]),
+    /// A folded BatchNorm: scale and shift per channel.
+    Affine(&'a [f32], &'a [f32]),
+}
+
+impl ChannelEpi<'_> {
+    #[inline(always)]
+    fn at(&self, ch: usize) -> Epi {
+        match *self {
+            ChannelEpi::None => Epi {
+                init: 0.0,
+                scale: 1.0,
+                shift: 0.0,
+            },
+            ChannelEpi::Bias(b) => Epi {
+                init: b[ch],
+                scale: 1.0,
+                shift: 0.0,
+            },
+            ChannelEpi::Affine(s, t) => Epi {
+                init: 0.0,
+                scale: s[ch],
+                shift: t[ch],
+            },
+        }
+    }
+}
+
 /// `act(v)` for one value.
 #[inline(always)]
 fn activate(act: Activation, v: f32) -> f32 {
@@ -206,7 +251,7 @@ impl Plan {
         buf: &[f32],
         taps: &(Vec<usize>, usize),
         k: &[f32],
-        bias: f32,
+        bias: Epi,
         act: Activation,
         out: &mut [MaybeUninit<f32>],
     ) {
@@ -234,7 +279,7 @@ impl Plan {
         &self,
         buf: &[f32],
         k: &[f32],
-        bias: f32,
+        bias: Epi,
         act: Activation,
         out: &mut [MaybeUninit<f32>],
     ) {
@@ -251,7 +296,7 @@ impl Plan {
                 let (a3, a4, a5) = (s(1, 0), s(1, 1), s(1, 2));
                 let (a6, a7, a8) = (s(2, 0), s(2, 1), s(2, 2));
                 for i in 0..wo {
-                    let mut v = a0[i].mul_add(k[0], bias);
+                    let mut v = a0[i].mul_add(k[0], bias.init);
                     v = a1[i].mul_add(k[1], v);
                     v = a2[i].mul_add(k[2], v);
                     v = a3[i].mul_add(k[3], v);
@@ -259,10 +304,13 @@ impl Plan {
                     v = a5[i].mul_add(k[5], v);
                     v = a6[i].mul_add(k[6], v);
                     v = a7[i].mul_add(k[7], v);
-                    orow[i].write(activate(act, a8[i].mul_add(k[8], v)));
+                    orow[i].write(activate(
+                        act,
+                        a8[i].mul_add(k[8], v).mul_add(bias.scale, bias.shift),
+                    ));
                 }
             } else {
-                acc.fill(bias);
+                acc.fill(bias.init);
                 for ky in 0..self.kh {
                     for kx in 0..self.kw {
                         let a = &buf[self.tap_offset(oy, ky, kx)..][..wo];
@@ -273,7 +321,7 @@ impl Plan {
                     }
                 }
                 for (o, &v) in orow.iter_mut().zip(&acc) {
-                    o.write(activate(act, v));
+                    o.write(activate(act, v.mul_add(bias.scale, bias.shift)));
                 }
             }
         }
@@ -345,7 +393,7 @@ fn check_shapes(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, usize, u
 fn forward_cpu(
     x: &[f32],
     k: &[f32],
-    bias: Option<&[f32]>,
+    bias: ChannelEpi,
     (n, c): (usize, usize),
     p: &Plan,
     input_relu: bool,
@@ -369,7 +417,7 @@ fn forward_cpu(
                 let ch = plane % c;
                 let src = &x[plane * in_len..][..in_len];
                 let kk = &k[ch * k_len..][..k_len];
-                let b = bias.map_or(0.0, |b| b[ch]);
+                let b = bias.at(ch);
                 let next = if i + 1 < count {
                     &x[(plane + 1) * in_len..][..in_len]
                 } else {
@@ -399,7 +447,7 @@ fn forward_cpu(
                 let ch = plane % c;
                 let src = &x[plane * in_len..][..in_len];
                 let kk = &k[ch * k_len..][..k_len];
-                let b = bias.map_or(0.0, |b| b[ch]);
+                let b = bias.at(ch);
                 multiversion!(|| {
                     p.fill(src, &mut buf, input_relu);
                     p.forward(&buf, &taps, kk, b, act, o);
@@ -432,7 +480,7 @@ impl CustomOp2 for DwFwd {
         let x = f32_slice(self.name(), xs, xl)?;
         let k = f32_slice(self.name(), ws, wl)?;
         let p = Plan::new((h, w), (kh, kw), &self.geom)?;
-        let out = forward_cpu(x, k, None, (n, c), &p, false, Activation::None);
+        let out = forward_cpu(x, k, ChannelEpi::None, (n, c), &p, false, Activation::None);
         Ok((CpuStorage::F32(out), Shape::from((n, c, p.ho, p.wo))))
     }
 
@@ -712,7 +760,15 @@ impl CustomOp3 for DwFused {
             )
         }
         let p = Plan::new((h, w), (kh, kw), &self.geom)?;
-        let out = forward_cpu(x, k, Some(b), (n, c), &p, self.input_relu, self.act);
+        let out = forward_cpu(
+            x,
+            k,
+            ChannelEpi::Bias(b),
+            (n, c),
+            &p,
+            self.input_relu,
+            self.act,
+        );
         Ok((CpuStorage::F32(out), Shape::from((n, c, p.ho, p.wo))))
     }
 
@@ -818,11 +874,91 @@ pub fn depthwise_conv2d_fused(
     }
 }
 
+/// Inference forward with a folded BatchNorm: `act(conv(relu?(x), w) * scale[c] + shift[c])`
+/// in one pass (forward only).
+struct DwEpilogue {
+    geom: Conv2dGeometry,
+    input_relu: bool,
+    act: Activation,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl CustomOp2 for DwEpilogue {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-epilogue"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w, kh, kw) = check_shapes(xl, wl)?;
+        if self.scale.len() != c || self.shift.len() != c {
+            bail!(
+                "depthwise_conv2d: epilogue of {} / {} channels does not fit input {:?}",
+                self.scale.len(),
+                self.shift.len(),
+                xl.dims()
+            )
+        }
+        let x = f32_slice(self.name(), xs, xl)?;
+        let k = f32_slice(self.name(), ws, wl)?;
+        let p = Plan::new((h, w), (kh, kw), &self.geom)?;
+        let out = forward_cpu(
+            x,
+            k,
+            ChannelEpi::Affine(&self.scale, &self.shift),
+            (n, c),
+            &p,
+            self.input_relu,
+            self.act,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((n, c, p.ho, p.wo))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        bail!("depthwise conv with a folded BatchNorm is inference-only (fold after training)")
+    }
+}
+
+/// `act(depthwise_conv2d(relu?(x), w) * scale[c] + shift[c])` on an f32 CPU tensor in one
+/// pass: a depthwise conv with its BatchNorm folded in (inference only). Bit-identical to the
+/// unfused `depthwise_conv2d` followed by [`crate::channel_affine`].
+pub(crate) fn depthwise_epilogue(
+    x: &Tensor,
+    w: &Tensor,
+    (scale, shift): (&[f32], &[f32]),
+    input_relu: bool,
+    act: Activation,
+    geom: &Conv2dGeometry,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(
+        &w.contiguous()?,
+        &DwEpilogue {
+            geom: *geom,
+            input_relu,
+            act,
+            scale: scale.to_vec(),
+            shift: shift.to_vec(),
+        },
+    )
+}
+
 /// Explicit AVX-512 loops for the forward: 16 output columns per vector, the row's last
 /// partial vector under a mask (no scalar tail), bias and activation applied at the store.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Activation;
+    use super::{Activation, Epi};
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
@@ -1019,7 +1155,7 @@ mod avx512 {
             src: &[f32],
             next: &[f32],
             k: &[f32],
-            bias: f32,
+            bias: Epi,
             relu: bool,
             act: Activation,
             out: &mut [MaybeUninit<f32>],
@@ -1067,7 +1203,7 @@ mod avx512 {
             sp: *const f32,
             op: *mut f32,
             kv: &[__m512; 9],
-            bias: f32,
+            bias: Epi,
             pf: &mut Prefetch,
         ) {
             let (dy, ho) = (self.dy, self.ho);
@@ -1106,7 +1242,7 @@ mod avx512 {
             sp: *const f32,
             op: *mut f32,
             kv: &[__m512; 9],
-            bias: f32,
+            bias: Epi,
             oy: usize,
         ) {
             let chunks = self.store.len();
@@ -1134,14 +1270,15 @@ mod avx512 {
             sp: *const f32,
             op: *mut f32,
             kv: &[__m512; 9],
-            bias: f32,
+            bias: Epi,
             oy: usize,
             c: usize,
         ) {
             let load: [[__mmask16; 3]; V] = std::array::from_fn(|v| self.load[c + v]);
             let x = 16 * c;
             let zero = _mm512_setzero_ps();
-            let mut acc = [[_mm512_set1_ps(bias); V]; R];
+            let mut acc = [[_mm512_set1_ps(bias.init); V]; R];
+            let (sv, tv) = (_mm512_set1_ps(bias.scale), _mm512_set1_ps(bias.shift));
             for j in 0..R + 2 {
                 // Input row of tap row `j - i` of output row `oy + i dy`; rows outside the
                 // plane are zero padding and contribute nothing.
@@ -1177,7 +1314,11 @@ mod avx512 {
                 unsafe {
                     let o = op.add((oy + i * self.dy) * self.wo + x);
                     for (v, &a) in a.iter().enumerate() {
-                        _mm512_mask_storeu_ps(o.add(16 * v), self.store[c + v], activate::<A>(a));
+                        _mm512_mask_storeu_ps(
+                            o.add(16 * v),
+                            self.store[c + v],
+                            activate::<A>(_mm512_fmadd_ps(a, sv, tv)),
+                        );
                     }
                 }
             }
@@ -1219,7 +1360,7 @@ mod avx512 {
         k: &[f32],
         step: usize,
         wo: usize,
-        bias: f32,
+        bias: Epi,
         act: Activation,
         out: &mut [MaybeUninit<f32>],
     ) {
@@ -1249,12 +1390,13 @@ mod avx512 {
         kv: &[__m512; T],
         step: usize,
         wo: usize,
-        bias: f32,
+        bias: Epi,
         out: &mut [MaybeUninit<f32>],
     ) {
         let ho = out.len() / wo;
         let (bp, op) = (buf.as_ptr(), out.as_mut_ptr() as *mut f32);
-        let bv = _mm512_set1_ps(bias);
+        let bv = _mm512_set1_ps(bias.init);
+        let (sv, tv) = (_mm512_set1_ps(bias.scale), _mm512_set1_ps(bias.shift));
         let tail = lanes(wo % 16);
         for oy in 0..ho {
             // SAFETY: every load reads within `buf` (row `oy`, tap offsets, `wo` columns) and
@@ -1270,8 +1412,8 @@ mod avx512 {
                         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p), kv[t], a0);
                         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(16)), kv[t], a1);
                     }
-                    _mm512_storeu_ps(o.add(x), activate::<A>(a0));
-                    _mm512_storeu_ps(o.add(x + 16), activate::<A>(a1));
+                    _mm512_storeu_ps(o.add(x), activate::<A>(_mm512_fmadd_ps(a0, sv, tv)));
+                    _mm512_storeu_ps(o.add(x + 16), activate::<A>(_mm512_fmadd_ps(a1, sv, tv)));
                     x += 32;
                 }
                 if x + 16 <= wo {
@@ -1279,7 +1421,7 @@ mod avx512 {
                     for t in 0..T {
                         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(base.add(rel[t] + x)), kv[t], a0);
                     }
-                    _mm512_storeu_ps(o.add(x), activate::<A>(a0));
+                    _mm512_storeu_ps(o.add(x), activate::<A>(_mm512_fmadd_ps(a0, sv, tv)));
                     x += 16;
                 }
                 if x < wo {
@@ -1288,7 +1430,11 @@ mod avx512 {
                         let v = _mm512_maskz_loadu_ps(tail, base.add(rel[t] + x));
                         a0 = _mm512_fmadd_ps(v, kv[t], a0);
                     }
-                    _mm512_mask_storeu_ps(o.add(x), tail, activate::<A>(a0));
+                    _mm512_mask_storeu_ps(
+                        o.add(x),
+                        tail,
+                        activate::<A>(_mm512_fmadd_ps(a0, sv, tv)),
+                    );
                 }
             }
         }
@@ -1306,19 +1452,23 @@ mod avx512 {
         k: &[f32],
         step: usize,
         wo: usize,
-        bias: f32,
+        bias: Epi,
         act: Activation,
         out: &mut [MaybeUninit<f32>],
     ) {
         check(buf, rel, k, step, wo, out.len());
         let ho = out.len() / wo;
         let (bp, op) = (buf.as_ptr(), out.as_mut_ptr() as *mut f32);
-        let bv = _mm512_set1_ps(bias);
+        let bv = _mm512_set1_ps(bias.init);
+        let (sv, tv) = (_mm512_set1_ps(bias.scale), _mm512_set1_ps(bias.shift));
         let tail = lanes(wo % 16);
-        let apply = |v| match act {
-            Activation::None => activate::<0>(v),
-            Activation::Relu => activate::<1>(v),
-            Activation::Relu6 => activate::<2>(v),
+        let apply = |v| {
+            let v = _mm512_fmadd_ps(v, sv, tv);
+            match act {
+                Activation::None => activate::<0>(v),
+                Activation::Relu => activate::<1>(v),
+                Activation::Relu6 => activate::<2>(v),
+            }
         };
         for oy in 0..ho {
             // SAFETY: as in `rows`.
@@ -1434,13 +1584,27 @@ mod tests {
                                 .enumerate()
                             {
                                 let relu = ai == 1;
+                                // a bias (None, Relu6) or a folded BatchNorm's scale and shift (Relu)
+                                let epi = if ai == 1 {
+                                    Epi {
+                                        init: 0.0,
+                                        scale: 1.5,
+                                        shift: -0.25,
+                                    }
+                                } else {
+                                    Epi {
+                                        init: 0.25,
+                                        scale: 1.0,
+                                        shift: 0.0,
+                                    }
+                                };
                                 let mut buf = vec![0f32; p.scratch_len()];
                                 p.fill(&x, &mut buf, relu);
                                 let n = p.ho * p.wo;
                                 let mut a = vec![MaybeUninit::new(f32::NAN); n];
                                 let mut b = vec![MaybeUninit::new(f32::NAN); n];
-                                p.forward(&buf, &taps, &k, 0.25, act, &mut a);
-                                p.forward_portable(&buf, &k, 0.25, act, &mut b);
+                                p.forward(&buf, &taps, &k, epi, act, &mut a);
+                                p.forward_portable(&buf, &k, epi, act, &mut b);
                                 #[cfg(target_arch = "x86_64")]
                                 if (kh, kw, s) == (3, 3, 1) && crate::cpu::has_avx512() {
                                     // The scratch-free kernel that stride-1 3x3 runs on.
@@ -1451,7 +1615,7 @@ mod tests {
                                         (d, d),
                                     );
                                     // SAFETY: the CPU reports AVX-512F.
-                                    unsafe { d.plane(&x, &x, &k, 0.25, relu, act, &mut a) };
+                                    unsafe { d.plane(&x, &x, &k, epi, relu, act, &mut a) };
                                 }
                                 for (i, (a, b)) in a.iter().zip(&b).enumerate() {
                                     // SAFETY: initialised above.

@@ -128,27 +128,11 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (cout, _, kh, kw) = self.weight.dims4()?;
         let kind = if kh * kw == 1 { "conv 1x1" } else { "conv kxk" };
-        if let Some(Epilogue {
-            host: Some((scale, shift)),
-            act,
-            ..
-        }) = &self.epilogue
-        {
-            let plain = kh == 1
-                && kw == 1
-                && self.groups == 1
-                && self.bias.is_none()
-                && self.geom.stride == (1, 1)
-                && self.geom.padding.is_zero()
-                && x.dtype() == candle_core::DType::F32
-                && self.weight.dtype() == candle_core::DType::F32
-                && x.device().is_cpu();
-            if plain {
-                return crate::profile::record(
-                    "conv 1x1 + epilogue",
-                    || format!("{} -> {cout}", crate::profile::dims(x)),
-                    || crate::pointwise::pointwise_epilogue(x, &self.weight, scale, shift, *act),
-                );
+        if let Some(e) = &self.epilogue {
+            if self.groups == 1 && self.bias.is_none() {
+                if let Some(y) = e.conv2d(x, &self.weight, &self.geom)? {
+                    return Ok(y);
+                }
             }
         }
         let y = crate::profile::record(
@@ -233,12 +217,15 @@ impl DepthwiseConv2d {
 
 impl Module for DepthwiseConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(e) = &self.epilogue {
+            return e.depthwise_conv2d(x, &self.weight, &self.geom, self.input_relu);
+        }
         let x = if self.input_relu {
             Activation::Relu.apply(x)?
         } else {
             x.clone()
         };
-        let y = crate::profile::record(
+        crate::profile::record(
             "depthwise",
             || {
                 format!(
@@ -249,11 +236,7 @@ impl Module for DepthwiseConv2d {
                 )
             },
             || crate::depthwise::depthwise_conv2d(&x, &self.weight, &self.geom),
-        )?;
-        match &self.epilogue {
-            Some(e) => e.apply(&y),
-            None => Ok(y),
-        }
+        )
     }
 }
 

@@ -11,13 +11,14 @@ use crate::cpu::{f32_slice, threads};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Columns per block: the block's input `[cin, nb]` and output `[cout, nb]` together stay
-/// within about 512 KiB (half a Zen 4 L2), between 32 and 1024 columns, a multiple of 16.
-fn block_columns(cin: usize, cout: usize, cols: usize, workers: usize) -> usize {
-    let fit = (128 * 1024 / (cin + cout).max(1)).clamp(32, 1024) / 16 * 16;
-    // at least two blocks per worker when the map allows it, for load balance
-    let balance = cols.div_ceil(2 * workers.max(1)).div_ceil(16) * 16;
-    fit.min(balance.max(32)).max(16)
+/// Columns per block: about two blocks per worker (load balance), at least 256 columns so each
+/// gemm call amortizes packing the weights, at most 2048. A block's output stays in the shared
+/// last-level cache for the epilogue that follows its gemm.
+fn block_columns(cols: usize, workers: usize) -> usize {
+    cols.div_ceil(2 * workers.max(1))
+        .clamp(256, 2048)
+        .div_ceil(16)
+        * 16
 }
 
 struct PointwiseEpilogue {
@@ -53,7 +54,7 @@ impl CustomOp2 for PointwiseEpilogue {
         let hw = h * w;
         let len = n * cout * hw;
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        let nb = block_columns(cin, cout, hw, threads());
+        let nb = block_columns(hw, threads());
         let blocks_per_image = hw.div_ceil(nb);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let act = self.act;

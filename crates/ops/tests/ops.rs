@@ -783,3 +783,113 @@ fn conv2d_im2col_half_precision_and_errors() -> Result<()> {
     assert!(conv2d(&tiny, &w, None, &Conv2dGeometry::default(), 1).is_err());
     Ok(())
 }
+
+/// A VarBuilder over seeded random tensors for every parameter `layer` asks for, with
+/// BatchNorm running variances kept positive.
+fn random_builder(shapes: &[(&str, Vec<usize>)], seed: u64) -> Result<VarBuilder<'static>> {
+    let mut map = std::collections::HashMap::new();
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let t = seeded_uniform(shape, seed + i as u64, &Device::Cpu)?;
+        let t = if name.ends_with("running_var") {
+            (t.abs()? + 0.5)?
+        } else if name.ends_with(".weight") && shape.len() == 1 {
+            (t + 1.0)?
+        } else {
+            t
+        };
+        map.insert(name.to_string(), t);
+    }
+    Ok(VarBuilder::from_tensors(map, DType::F32, &Device::Cpu))
+}
+
+fn bn_shapes(prefix: &str, c: usize) -> Vec<(String, Vec<usize>)> {
+    ["weight", "bias", "running_mean", "running_var"]
+        .iter()
+        .map(|n| (format!("{prefix}.{n}"), vec![c]))
+        .collect()
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f32::to_bits)
+        .collect())
+}
+
+/// Folding every BatchNorm into its convolution's fused output pass changes no bit of the
+/// evaluation-mode output: dense convs (1x1 and k x k, strided, dilated, TF padding) and
+/// separable convs in both activation placements, on the fused kernels.
+#[test]
+fn folded_layers_are_bit_identical() -> Result<()> {
+    let x = (seeded_uniform(&[2, 8, 17, 23], 11, &Device::Cpu)? * 3.0)?;
+    let convs = [
+        (1, Conv2dGeometry::default(), Activation::Relu),
+        (3, Conv2dGeometry::deeplab(3, 2, 1), Activation::Relu6),
+        (3, Conv2dGeometry::same(3, 2), Activation::None),
+        (3, Conv2dGeometry::same(3, 4), Activation::Relu),
+    ];
+    for (i, (k, geom, act)) in convs.into_iter().enumerate() {
+        let mut shapes = vec![("conv.weight".to_string(), vec![12, 8, k, k])];
+        shapes.extend(bn_shapes("bn", 12));
+        let shapes: Vec<(&str, Vec<usize>)> = shapes
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.clone()))
+            .collect();
+        let vb = random_builder(&shapes, 20 + 10 * i as u64)?;
+        let mut layer = ConvBnAct::new(8, 12, k, geom, BatchNormConfig::tf_head(), act, vb)?;
+        let before = layer.forward_t(&x, false)?;
+        layer.fold_batch_norm()?;
+        let after = layer.forward_t(&x, false)?;
+        assert_eq!(
+            bits(&before)?,
+            bits(&after)?,
+            "conv {k}x{k} {geom:?} {act:?}"
+        );
+        assert!(
+            layer.forward_t(&x, true).is_err(),
+            "a folded layer must not train"
+        );
+    }
+    for (i, (act, geom)) in [
+        (SeparableActivation::Input, Conv2dGeometry::deeplab(3, 2, 1)),
+        (SeparableActivation::Input, Conv2dGeometry::same(3, 1)),
+        (
+            SeparableActivation::AfterEach(Activation::Relu),
+            Conv2dGeometry::same(3, 12),
+        ),
+        (SeparableActivation::None, Conv2dGeometry::same(3, 2)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut shapes = vec![
+            ("conv_dw.weight".to_string(), vec![8, 1, 3, 3]),
+            ("conv_pw.weight".to_string(), vec![16, 8, 1, 1]),
+        ];
+        shapes.extend(bn_shapes("bn_dw", 8));
+        shapes.extend(bn_shapes("bn_pw", 16));
+        let shapes: Vec<(&str, Vec<usize>)> = shapes
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.clone()))
+            .collect();
+        let vb = random_builder(&shapes, 60 + 10 * i as u64)?;
+        let cfg = SeparableConv2dConfig {
+            kernel: 3,
+            geom,
+            act,
+            bn: BatchNormConfig::tf_backbone(),
+        };
+        let mut layer = SeparableConv2d::new(8, 16, &cfg, vb)?;
+        let (d0, p0) = layer.forward_parts(&x, false)?;
+        layer.fold_batch_norm()?;
+        let (d1, p1) = layer.forward_parts(&x, false)?;
+        assert_eq!(
+            bits(&d0)?,
+            bits(&d1)?,
+            "separable {act:?} {geom:?}: depthwise part"
+        );
+        assert_eq!(bits(&p0)?, bits(&p1)?, "separable {act:?} {geom:?}");
+    }
+    Ok(())
+}
