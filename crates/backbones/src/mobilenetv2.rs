@@ -220,7 +220,7 @@ impl MobileNetV2Config {
 struct PaddedConv {
     weight: Tensor,
     /// A folded BatchNorm (inference).
-    epilogue: Option<Epilogue>,
+    epilogue: Option<Box<Epilogue>>,
     depthwise: bool,
     k: usize,
     stride: usize,
@@ -329,7 +329,7 @@ impl PaddedConv {
         if self.epilogue.is_some() {
             bail!("mobilenetv2: a BatchNorm was already folded into this convolution")
         }
-        self.epilogue = Some(Epilogue::fold(bn, None)?);
+        self.epilogue = Some(Box::new(Epilogue::fold(bn, None)?));
         Ok(())
     }
 

@@ -313,6 +313,9 @@ impl From<DeepLabV3Plus> for DeepLabModel {
 
 /// A DeepLabv3 or DeepLabv3+ model, as its [`DeepLabConfig`] says.
 #[derive(Clone, Debug)]
+// One model per process, never in collections: its size does not matter, and boxing the
+// variants would only add an indirection to every access.
+#[allow(clippy::large_enum_variant)]
 pub enum DeepLabModel {
     /// No decoder.
     V3(DeepLabV3),

@@ -26,7 +26,7 @@ pub struct Conv2d {
     geom: Conv2dGeometry,
     groups: usize,
     /// A folded BatchNorm (and activation), applied in one pass with the bias.
-    epilogue: Option<Epilogue>,
+    epilogue: Option<Box<Epilogue>>,
 }
 
 impl Conv2d {
@@ -90,14 +90,14 @@ impl Conv2d {
         if self.epilogue.is_some() {
             bail!("conv2d: a BatchNorm was already folded into this layer")
         }
-        self.epilogue = Some(Epilogue::fold(bn, self.bias.as_ref())?);
+        self.epilogue = Some(Box::new(Epilogue::fold(bn, self.bias.as_ref())?));
         self.bias = None;
         Ok(())
     }
 
     /// The folded BatchNorm epilogue, if any.
     pub fn epilogue(&self) -> Option<&Epilogue> {
-        self.epilogue.as_ref()
+        self.epilogue.as_deref()
     }
 
     /// The weight `[Cout, Cin / groups, kh, kw]`.
@@ -162,7 +162,7 @@ pub struct DepthwiseConv2d {
     weight: Tensor,
     geom: Conv2dGeometry,
     /// A folded BatchNorm (and activation), set by [`DepthwiseConv2d::fold_bn`].
-    epilogue: Option<Epilogue>,
+    epilogue: Option<Box<Epilogue>>,
     /// ReLU applied to the input while it is read (Xception's pre-activation), set by
     /// [`SeparableConv2d`]'s folding.
     input_relu: bool,
@@ -187,13 +187,13 @@ impl DepthwiseConv2d {
         if self.epilogue.is_some() {
             bail!("depthwise_conv2d: a BatchNorm was already folded into this layer")
         }
-        self.epilogue = Some(Epilogue::fold(bn, None)?);
+        self.epilogue = Some(Box::new(Epilogue::fold(bn, None)?));
         Ok(())
     }
 
     /// The folded BatchNorm epilogue, if any.
     pub fn epilogue(&self) -> Option<&Epilogue> {
-        self.epilogue.as_ref()
+        self.epilogue.as_deref()
     }
 
     /// The weight `[C, 1, kh, kw]`.
