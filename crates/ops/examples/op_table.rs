@@ -20,6 +20,16 @@
 //! Ours against PyTorch on the depthwise shapes only:
 //! `RAYON_NUM_THREADS=2 cargo run --release -p deeplab-ops --example op_table -- --runs 15
 //! --rounds 7 --no-candle --peer ~/.cache/deeplab-peer-venv/bin/python`
+//!
+//! The process allocator is mimalloc with freed memory kept mapped, as in the `deeplab`
+//! binary (`deeplab_cli::alloc`): op outputs of tens of MB then reuse pages instead of
+//! page-faulting fresh ones on every call, which is how the ops run inside a model.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `purge_delay` option index (see `deeplab_cli::alloc`): -1 keeps freed pages.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 use candle_core::{Device, Result, Tensor};
 use deeplab_ops::reference::seeded_uniform;
@@ -191,6 +201,9 @@ fn peer_table(python: Option<&str>, runs: usize, rounds: usize) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: sets one entry of mimalloc's global option table (index checked by
+    // deeplab-cli's tests against the option's documented default).
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| {
         args.iter()

@@ -8,7 +8,10 @@
 //! runs two matmuls: `dW = dY * cols^T` and `dX = col2im(W^T * dY)`. This is exact for any
 //! stride, dilation and asymmetric padding, on any input size.
 //!
-//! 1x1 stride-1 unpadded convolutions run as one batched matmul. Grouped convolutions, f64 and
+//! The products are [`crate::sgemm`] calls (the AVX-512 kernel, with a folded BatchNorm epilogue
+//! fused into the tile stores when given). 1x1 stride-1 unpadded convolutions of f32 CPU
+//! tensors skip im2col: one product per image (see [`crate::pointwise`]); other devices and
+//! dtypes run them as one batched candle matmul. Grouped convolutions, f64 and
 //! other devices use candle's conv2d. candle 0.11's conv2d backward derives the transposed
 //! convolution's output padding from the height alone, so a strided convolution of an input
 //! whose height and width leave different remainders gets a wrong input gradient. That path
@@ -19,6 +22,7 @@
 use crate::cpu::{f32_slice, threads};
 use crate::geometry::Conv2dGeometry;
 use crate::im2col::{col2im, fill_rows, im2col, Patches};
+use crate::sgemm::{sgemm_raw, RowEpilogue};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::cell::Cell;
 
@@ -73,10 +77,6 @@ impl CustomOp2 for ConvGemm {
         // Even chunks of whole output rows, each at most CHUNK_ELEMS (or one row) of columns.
         let chunks = (kk * l).div_ceil(CHUNK_ELEMS).clamp(1, p.ho);
         let rows = p.ho.div_ceil(chunks);
-        let parallelism = match threads() {
-            1 => gemm::Parallelism::None,
-            t => gemm::Parallelism::Rayon(t),
-        };
         let mut buf = SCRATCH.take();
         let need = kk * rows * p.wo;
         if buf.len() < need {
@@ -91,50 +91,24 @@ impl CustomOp2 for ConvGemm {
                 let cols = &mut buf[..kk * len];
                 fill_rows(xb, &p, oy0, oy1, cols);
                 let dst = &mut ob[oy0 * p.wo..];
+                let epi = self.epi.as_ref().map(|(scale, shift, act)| RowEpilogue {
+                    scale,
+                    shift,
+                    act: *act,
+                });
                 // SAFETY: lhs is the `cout x kk` row-major weight matrix (`k.len() == cout *
                 // kk`), rhs the `kk x len` row-major chunk just filled, and dst addresses rows
                 // `r * l + [0, len)` for r < cout of `dst`, which ends at
                 // `(cout - 1) * l + len <= dst.len()` since `oy0 * wo + len <= l`.
                 unsafe {
-                    gemm::gemm(
-                        cout,
-                        len,
-                        kk,
-                        dst.as_mut_ptr(),
-                        1,
-                        l as isize,
-                        false,
-                        k.as_ptr(),
-                        1,
-                        kk as isize,
-                        cols.as_ptr(),
-                        1,
-                        len as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
+                    sgemm_raw(
+                        (cout, len, kk),
+                        (k.as_ptr(), kk),
+                        (cols.as_ptr(), len),
+                        (dst.as_mut_ptr(), l),
+                        epi,
+                        threads(),
                     )
-                }
-                if let Some((sc, sh, act)) = &self.epi {
-                    let act = *act;
-                    let rows_out = &mut ob[oy0 * p.wo..];
-                    for o in 0..cout {
-                        let row = &mut rows_out[o * l..o * l + len];
-                        let (a, b) = (sc[o], sh[o]);
-                        multiversion!(|| match act {
-                            crate::Activation::None => {
-                                row.iter_mut().for_each(|v| *v = v.mul_add(a, b))
-                            }
-                            crate::Activation::Relu =>
-                                row.iter_mut().for_each(|v| *v = v.mul_add(a, b).max(0.0)),
-                            crate::Activation::Relu6 => row
-                                .iter_mut()
-                                .for_each(|v| *v = v.mul_add(a, b).clamp(0.0, 6.0)),
-                        });
-                    }
                 }
             }
         }
@@ -260,10 +234,14 @@ pub fn conv2d(
     let (ho, wo) = geom.output_size((h, wd), (kh, kw))?;
     let y = if kh == 1 && kw == 1 && geom.stride == (1, 1) && geom.padding.is_zero() && groups == 1
     {
-        let wm = w.reshape((cout, cin))?;
-        wm.broadcast_left(n)?
-            .matmul(&x.reshape((n, cin, h * wd))?)?
-            .reshape((n, cout, h, wd))?
+        if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+            crate::pointwise::pointwise(x, w)?
+        } else {
+            let wm = w.reshape((cout, cin))?;
+            wm.broadcast_left(n)?
+                .matmul(&x.reshape((n, cin, h * wd))?)?
+                .reshape((n, cout, h, wd))?
+        }
     } else if groups == 1
         && x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)

@@ -44,6 +44,7 @@ mod pool;
 pub mod profile;
 pub mod reference;
 mod resize;
+pub mod sgemm;
 
 pub use batch_norm::{
     batch_norm_train, channel_affine, Activation, BatchNorm2d, BatchNormConfig, Epilogue,

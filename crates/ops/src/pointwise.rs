@@ -1,35 +1,23 @@
-//! Inference 1x1 convolution with its folded BatchNorm epilogue fused into the matmul's output
-//! pass: `act(W · x * scale[o] + shift[o])` without a separate pass over the output.
+//! 1x1 stride-1 unpadded convolution as one [`crate::sgemm`] product per image, optionally with
+//! a folded BatchNorm epilogue `act(W · x * scale[o] + shift[o])` applied to each output tile
+//! while it is still in registers (no separate pass over the output, no zero-filled buffer).
 //!
-//! The output columns (pixels) are split into blocks that fit the caches; each block is one
-//! single-threaded gemm call (blocks run in parallel) followed by the epilogue on the block
-//! while it is still cache-resident. No output buffer is zero-filled first. Forward only: a
-//! folded model does not train.
+//! The plain convolution (used by [`crate::conv2d`] for f32 CPU tensors) and the folded one run
+//! the same product, so folding a BatchNorm changes no bit of the output. The plain one has a
+//! backward pass (two candle matmuls of the gradient); the folded one is inference-only.
 
 use crate::batch_norm::Activation;
 use crate::cpu::{f32_slice, threads};
+use crate::sgemm::{sgemm_raw, RowEpilogue};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-/// Columns per block: about two blocks per worker (load balance), at least 256 columns so each
-/// gemm call amortizes packing the weights, at most 2048. A block's output stays in the shared
-/// last-level cache for the epilogue that follows its gemm.
-fn block_columns(cols: usize, workers: usize) -> usize {
-    cols.div_ceil(2 * workers.max(1))
-        .clamp(256, 2048)
-        .div_ceil(16)
-        * 16
+struct Pointwise {
+    epi: Option<(Vec<f32>, Vec<f32>, Activation)>,
 }
 
-struct PointwiseEpilogue {
-    scale: Vec<f32>,
-    shift: Vec<f32>,
-    act: Activation,
-}
-
-impl CustomOp2 for PointwiseEpilogue {
+impl CustomOp2 for Pointwise {
     fn name(&self) -> &'static str {
-        "pointwise-conv-epilogue"
+        "pointwise-conv-sgemm"
     }
 
     fn cpu_fwd(
@@ -41,11 +29,18 @@ impl CustomOp2 for PointwiseEpilogue {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, cin, h, w) = xl.shape().dims4()?;
         let (cout, cin_w, kh, kw) = wl.shape().dims4()?;
-        if cin_w != cin || kh != 1 || kw != 1 || self.scale.len() != cout {
+        if cin_w != cin
+            || kh != 1
+            || kw != 1
+            || self
+                .epi
+                .as_ref()
+                .is_some_and(|(s, t, _)| s.len() != cout || t.len() != cout)
+        {
             bail!(
-                "pointwise conv: weight {:?} / epilogue of {} channels do not fit input {:?}",
+                "pointwise conv: weight {:?} / epilogue of {:?} channels do not fit input {:?}",
                 wl.dims(),
-                self.scale.len(),
+                self.epi.as_ref().map(|(s, _, _)| s.len()),
                 xl.dims()
             )
         }
@@ -54,86 +49,72 @@ impl CustomOp2 for PointwiseEpilogue {
         let hw = h * w;
         let len = n * cout * hw;
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        let nb = block_columns(hw, threads());
-        let blocks_per_image = hw.div_ceil(nb);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let act = self.act;
-        (0..n * blocks_per_image).into_par_iter().for_each(|job| {
-            let (b, j0) = (job / blocks_per_image, job % blocks_per_image * nb);
-            let cols = nb.min(hw - j0);
-            let xb = &x[b * cin * hw..(b + 1) * cin * hw];
-            // SAFETY: block `job` writes only rows `o * hw + [j0, j0 + cols)` of image `b`
-            // (disjoint between jobs, all inside `out`'s capacity `len`), lhs is the
-            // `cout x cin` row-major weight matrix, rhs columns `[j0, j0 + cols)` of the
-            // `cin x hw` row-major image. gemm writes every element of the block
-            // (read_dst = false), and the epilogue then reads only those.
-            let dst = unsafe { out_ptr.get().add(b * cout * hw + j0) };
-            unsafe {
-                gemm::gemm(
-                    cout,
-                    cols,
-                    cin,
-                    dst,
-                    1,
-                    hw as isize,
-                    false,
-                    k.as_ptr(),
-                    1,
-                    cin as isize,
-                    xb.as_ptr().add(j0),
-                    1,
-                    hw as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for o in 0..cout {
-                // SAFETY: row `o` of this job's block, written by the gemm above.
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(o * hw), cols) };
-                let (s, t) = (self.scale[o], self.shift[o]);
-                multiversion!(|| match act {
-                    Activation::None => row.iter_mut().for_each(|v| *v = v.mul_add(s, t)),
-                    Activation::Relu => row.iter_mut().for_each(|v| *v = v.mul_add(s, t).max(0.0)),
-                    Activation::Relu6 => row
-                        .iter_mut()
-                        .for_each(|v| *v = v.mul_add(s, t).clamp(0.0, 6.0)),
-                });
-            }
+        let epi = self.epi.as_ref().map(|(scale, shift, act)| RowEpilogue {
+            scale,
+            shift,
+            act: *act,
         });
-        // SAFETY: the jobs above covered every (image, row, column) of the `len` elements.
+        for b in 0..n {
+            // SAFETY: `k` is the `cout x cin` row-major weight matrix, `x`'s image `b` the
+            // `cin x hw` row-major input, and image `b`'s `cout x hw` rows of `out` lie inside
+            // its capacity `len`; sgemm writes every one of them, reading none.
+            unsafe {
+                sgemm_raw(
+                    (cout, hw, cin),
+                    (k.as_ptr(), cin),
+                    (x.as_ptr().add(b * cin * hw), hw),
+                    (out.as_mut_ptr().add(b * cout * hw), hw),
+                    epi,
+                    threads(),
+                )
+            }
+        }
+        // SAFETY: the products above wrote all `len` elements.
         unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from((n, cout, h, w))))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        _w: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
-        _grad: &Tensor,
+        grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        bail!("pointwise conv with a folded BatchNorm is inference-only (fold after training)")
+        if self.epi.is_some() {
+            bail!("pointwise conv with a folded BatchNorm is inference-only (fold after training)")
+        }
+        let (n, cin, h, wd) = x.dims4()?;
+        let (cout, _, _, _) = w.dims4()?;
+        let g = grad.detach().contiguous()?.reshape((n, cout, h * wd))?;
+        let dw = if w.track_op() {
+            let xm = x.detach().reshape((n, cin, h * wd))?;
+            let dw = g.matmul(&xm.t()?)?;
+            let dw = if n == 1 { dw.squeeze(0)? } else { dw.sum(0)? };
+            Some(dw.reshape((cout, cin, 1, 1))?)
+        } else {
+            None
+        };
+        let dx = if x.track_op() {
+            let wt = w.detach().reshape((cout, cin))?.t()?;
+            Some(wt.broadcast_left(n)?.matmul(&g)?.reshape((n, cin, h, wd))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint output blocks to rayon workers (see `cpu_fwd`).
-unsafe impl Send for SendPtr {}
-// SAFETY: as above; the pointer itself is only copied.
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
+/// `conv1x1(x, w)` (stride 1, no padding) on f32 CPU tensors through [`crate::sgemm`], with
+/// gradients for both inputs.
+pub(crate) fn pointwise(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Pointwise { epi: None })
 }
 
 /// `act(conv1x1(x, w) * scale + shift)` on an f32 CPU tensor in one pass over the output
-/// (`w: [Cout, Cin, 1, 1]`, `scale`/`shift`: `Cout` values). Inference only.
+/// (`w: [Cout, Cin, 1, 1]`, `scale`/`shift`: `Cout` values). Inference only; equal bit for bit
+/// to [`pointwise`] followed by [`crate::channel_affine`].
 pub(crate) fn pointwise_epilogue(
     x: &Tensor,
     w: &Tensor,
@@ -143,10 +124,8 @@ pub(crate) fn pointwise_epilogue(
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(
         &w.contiguous()?,
-        &PointwiseEpilogue {
-            scale: scale.to_vec(),
-            shift: shift.to_vec(),
-            act,
+        &Pointwise {
+            epi: Some((scale.to_vec(), shift.to_vec(), act)),
         },
     )
 }

@@ -706,6 +706,9 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
             ((2, 3, 10, 9), 4, 7, 2, 1, true),
             ((2, 3, 10, 9), 4, 7, 1, 1, false),
             ((2, 5, 10, 9), 6, 1, 2, 1, true),
+            // 1x1 stride 1: the per-image sgemm op with its own backward.
+            ((2, 5, 10, 9), 6, 1, 1, 1, false),
+            ((2, 40, 13, 11), 50, 1, 1, 1, false),
             ((2, 4, 65, 65), 3, 3, 2, 1, true),
             ((1, 3, 65, 65), 4, 7, 2, 1, true),
             ((1, 3, 65, 65), 4, 3, 1, 2, true),
@@ -892,4 +895,177 @@ fn folded_layers_are_bit_identical() -> Result<()> {
         assert_eq!(bits(&p0)?, bits(&p1)?, "separable {act:?} {geom:?}");
     }
     Ok(())
+}
+
+/// Seeded values in [-1, 1).
+fn random_vec(len: usize, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// The strided operands of one sgemm test: `A` (`m x k`, row stride `k + 3`), `B` (`k x n`,
+/// stride `n + 2`), and the row stride of `C` (`n + 5`).
+struct GemmCase {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl GemmCase {
+    fn new(m: usize, n: usize, k: usize, seed: u64) -> Self {
+        let a = random_vec(m * (k + 3), seed);
+        let b = random_vec(k * (n + 2), seed + 1);
+        Self { m, n, k, a, b }
+    }
+
+    /// `C` (sentinel 7.0 in the stride gaps) from `threads` workers.
+    fn run(&self, epi: Option<sgemm::RowEpilogue<'_>>, threads: usize) -> Result<Vec<f32>> {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let mut c = vec![7.0f32; m * (n + 5)];
+        sgemm::sgemm(
+            (m, n, k),
+            (&self.a, k + 3),
+            (&self.b, n + 2),
+            (&mut c, n + 5),
+            epi,
+            threads,
+        )?;
+        Ok(c)
+    }
+}
+
+/// sgemm against an f64 reference on odd sizes and strided operands: every `m x n` element
+/// within the accumulated rounding bound, every stride-gap element untouched; with the epilogue,
+/// exactly `act(product.mul_add(scale, shift))`.
+#[test]
+fn sgemm_matches_f64_reference() -> Result<()> {
+    let sizes = [1usize, 3, 15, 16, 17, 33, 100, 257, 1000];
+    let mut seed = 500;
+    for &m in &sizes {
+        for &n in &sizes {
+            for &k in &sizes {
+                if m * n * k > 20_000_000 {
+                    continue;
+                }
+                seed += 2;
+                let case = GemmCase::new(m, n, k, seed);
+                let c = case.run(None, 2)?;
+                let ldc = n + 5;
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut exact, mut mag) = (0f64, 0f64);
+                        for p in 0..k {
+                            let t = case.a[i * (k + 3) + p] as f64 * case.b[p * (n + 2) + j] as f64;
+                            exact += t;
+                            mag += t.abs();
+                        }
+                        let got = c[i * ldc + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1.2e-7 * k as f64 * mag + 1e-30,
+                            "{m}x{n}x{k} at ({i}, {j}): {got} vs {exact}"
+                        );
+                    }
+                    assert!(
+                        c[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == 7.0),
+                        "{m}x{n}x{k}: stride gap of row {i} written"
+                    );
+                }
+                let scale = random_vec(m, seed + 7);
+                let shift = random_vec(m, seed + 8);
+                for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+                    let epi = sgemm::RowEpilogue {
+                        scale: &scale,
+                        shift: &shift,
+                        act,
+                    };
+                    let ce = case.run(Some(epi), 2)?;
+                    let want: Vec<u32> = c
+                        .iter()
+                        .enumerate()
+                        .map(|(idx, &v)| {
+                            let (i, j) = (idx / ldc, idx % ldc);
+                            if j >= n {
+                                return v.to_bits();
+                            }
+                            let v = v.mul_add(scale[i], shift[i]);
+                            match act {
+                                Activation::None => v,
+                                Activation::Relu => v.max(0.0),
+                                Activation::Relu6 => v.clamp(0.0, 6.0),
+                            }
+                            .to_bits()
+                        })
+                        .collect();
+                    let got: Vec<u32> = ce.iter().map(|v| v.to_bits()).collect();
+                    assert!(got == want, "{m}x{n}x{k} epilogue {act:?}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The blocking changes with the thread count (column jobs, row jobs) but no bit of the result
+/// does, with or without the epilogue.
+#[test]
+fn sgemm_threads_are_bit_identical() -> Result<()> {
+    for (m, n, k) in [
+        (100, 1000, 257),
+        (33, 5000, 100),
+        (1000, 17, 300),
+        (64, 96, 600),
+    ] {
+        let case = GemmCase::new(m, n, k, 900 + m as u64);
+        let scale = random_vec(m, 1);
+        let shift = random_vec(m, 2);
+        let epi = sgemm::RowEpilogue {
+            scale: &scale,
+            shift: &shift,
+            act: Activation::Relu,
+        };
+        let one = case.run(None, 1)?;
+        let one_epi = case.run(Some(epi), 1)?;
+        for t in [2, 3, 8] {
+            assert!(case.run(None, t)? == one, "{m}x{n}x{k} on {t} threads");
+            assert!(
+                case.run(Some(epi), t)? == one_epi,
+                "{m}x{n}x{k} with epilogue on {t} threads"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Operands too small for the stated sizes and strides, or an epilogue with too few rows, are
+/// errors that name the sizes, not out-of-bounds accesses.
+#[test]
+fn sgemm_rejects_short_buffers() {
+    let (a, b) = (vec![1.0f32; 12], vec![1.0f32; 12]);
+    let mut c = vec![0.0f32; 9];
+    let e = sgemm::sgemm((3, 3, 4), (&a, 4), (&b, 3), (&mut c, 3), None, 1).unwrap_err();
+    assert!(e.to_string().contains("3x4"), "{e}");
+    assert!(sgemm::sgemm((3, 3, 4), (&a, 3), (&b, 3), (&mut c, 3), None, 1).is_err());
+    assert!(sgemm::sgemm((3, 3, 3), (&a, 4), (&b, 3), (&mut c, 4), None, 1).is_err());
+    let s = [1.0f32; 2];
+    let epi = sgemm::RowEpilogue {
+        scale: &s,
+        shift: &s,
+        act: Activation::None,
+    };
+    let e = sgemm::sgemm((3, 3, 3), (&a, 4), (&b, 3), (&mut c, 3), Some(epi), 1).unwrap_err();
+    assert!(e.to_string().contains("2 scales"), "{e}");
+    // k = 0: the product is zero, and the epilogue still applies.
+    let mut z = vec![9.0f32; 6];
+    let s = [2.0f32, 3.0];
+    let t = [-1.0f32, 0.5];
+    let epi = sgemm::RowEpilogue {
+        scale: &s,
+        shift: &t,
+        act: Activation::Relu,
+    };
+    sgemm::sgemm((2, 3, 0), (&[], 0), (&[], 3), (&mut z, 3), Some(epi), 1).unwrap();
+    assert_eq!(z, [0.0, 0.0, 0.0, 0.5, 0.5, 0.5]);
 }

@@ -57,5 +57,18 @@ pub fn conv_cases(dev: &Device, with_backward: bool) -> Result<Vec<Case>> {
             });
         }
     }
+    // 1x1 stride-1 convolutions (Xception-65 middle flow, exit flow, ResNet layer1 at 129x129):
+    // our per-image sgemm against candle's batched matmul of the same matrices.
+    for (cin, hw, cout) in [(728, 33, 728), (1536, 33, 2048), (256, 129, 256)] {
+        let x = seeded_uniform(&[1, cin, hw, hw], 3, dev)?;
+        let wt = (seeded_uniform(&[cout, cin, 1, 1], 4, dev)? * 0.1)?;
+        let (x1, w1) = (x.clone(), wt.clone());
+        let (xm, wm) = (x.reshape((1, cin, hw * hw))?, wt.reshape((1, cout, cin))?);
+        v.push(Case {
+            name: format!("{tag}/conv1x1/1x{cin}x{hw}x{hw}_to_{cout}/fwd"),
+            ours: Box::new(move || sync(&conv2d(&x1, &w1, None, &Conv2dGeometry::default(), 1)?)),
+            candle: Box::new(move || sync(&wm.matmul(&xm)?)),
+        });
+    }
     Ok(v)
 }
