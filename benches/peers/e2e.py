@@ -58,7 +58,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=513)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=None,
+                    help="comma-separated (default: all of the mode's models)")
     ap.add_argument("--deeplab", default=os.path.join(ROOT, "target", "release", "deeplab"))
     ap.add_argument("--train", action="store_true", help="training step images/s instead")
     ap.add_argument("--train-size", type=int, default=321)
@@ -72,7 +73,11 @@ def main():
     ours_base = [a.deeplab, "--threads", str(a.threads), "--quiet", "bench", "--json"]
     print(f"threads {a.threads}, rounds {a.rounds}, python {sys.executable}")
     table = MODELS if not a.train else TRAIN_MODELS
-    for name in a.models.split(","):
+    names = a.models.split(",") if a.models else list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}: choose from {', '.join(table)}")
+    for name in names:
         flags, peer_model, desc = table[name]
         res = {}  # runtime -> list of dicts per round (keys: lat, thr, rss)
         tmp = tempfile.mkdtemp()

@@ -456,7 +456,7 @@ mod tests {
             (9, 48, 2),
         ] {
             let (per_job, col_jobs, rows, row_jobs) = grid(m, n, t);
-            assert!(per_job >= 1 && per_job <= NC_PANELS);
+            assert!((1..=NC_PANELS).contains(&per_job));
             assert!(col_jobs * per_job * NR >= n && (col_jobs - 1) * per_job * NR < n);
             assert!(rows % MR == 0 && rows * row_jobs >= m && (row_jobs - 1) * rows < m);
         }

@@ -1043,7 +1043,7 @@ fn sgemm_threads_are_bit_identical() -> Result<()> {
 /// errors that name the sizes, not out-of-bounds accesses.
 #[test]
 fn sgemm_rejects_short_buffers() {
-    let (a, b) = (vec![1.0f32; 12], vec![1.0f32; 12]);
+    let (a, b) = (vec![1.0f32; 11], vec![1.0f32; 12]);
     let mut c = vec![0.0f32; 9];
     let e = sgemm::sgemm((3, 3, 4), (&a, 4), (&b, 3), (&mut c, 3), None, 1).unwrap_err();
     assert!(e.to_string().contains("3x4"), "{e}");
