@@ -294,33 +294,24 @@ impl PaddedConv {
                 self.k,
                 self.stride,
                 self.dilation,
-                x.dims()
-                    .iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join("x")
+                deeplab_ops::profile::dims(x)
             )
         };
         if let Some(e) = &self.epilogue {
-            if self.depthwise {
-                return e.depthwise_conv2d(x, &self.weight, &g, false);
-            }
-            if let Some(y) = e.conv2d(x, &self.weight, &g)? {
-                return Ok(y);
-            }
+            return if self.depthwise {
+                e.depthwise_conv2d(x, &self.weight, &g, false)
+            } else {
+                e.conv2d(x, &self.weight, &g)
+            };
         }
-        let y = if self.depthwise {
+        if self.depthwise {
             deeplab_ops::profile::record("depthwise", detail, || {
                 depthwise_conv2d(x, &self.weight, &g)
-            })?
+            })
         } else {
             deeplab_ops::profile::record("conv kxk", detail, || {
                 conv2d(x, &self.weight, None, &g, 1)
-            })?
-        };
-        match &self.epilogue {
-            Some(e) => e.apply(&y),
-            None => Ok(y),
+            })
         }
     }
 

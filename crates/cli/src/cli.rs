@@ -546,19 +546,21 @@ pub fn run(cli: Cli) -> Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let progress = !cli.quiet;
-    FOLD.store(!cli.no_fold, std::sync::atomic::Ordering::Relaxed);
-    let code = match cli.dtype {
-        InferDType::F16 => 1,
-        InferDType::F32 => 0,
+    let inference = Inference {
+        fold: !cli.no_fold,
+        dtype: match cli.dtype {
+            InferDType::F32 => DType::F32,
+            InferDType::F16 => DType::F16,
+        },
+        device: Device::Cpu,
     };
-    INFER_DTYPE.store(code, std::sync::atomic::Ordering::Relaxed);
-    let device = Device::Cpu;
+    let device = &inference.device;
     match cli.command {
-        Command::Eval(a) => cmd_eval(a, progress, &device),
-        Command::Predict(a) => cmd_predict(a, &device),
-        Command::Train(a) => cmd_train(*a, progress, &device),
-        Command::Info(a) => cmd_info(a, &device),
-        Command::Bench(a) => cmd_bench(a, &device),
+        Command::Eval(a) => cmd_eval(a, progress, &inference),
+        Command::Predict(a) => cmd_predict(a, &inference),
+        Command::Train(a) => cmd_train(*a, progress, device),
+        Command::Info(a) => cmd_info(a, device),
+        Command::Bench(a) => cmd_bench(a, &inference),
         Command::Convert(a) => cmd_convert(a),
         Command::Synth(a) => cmd_synth(a),
     }
@@ -573,38 +575,31 @@ pub enum InferDType {
     F16,
 }
 
-/// Whether inference models get their BatchNorms folded (`--no-fold` clears it).
-static FOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-/// `--dtype` of inference, as a code (0 f32, 1 f16).
-static INFER_DTYPE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-fn infer_dtype() -> DType {
-    match INFER_DTYPE.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => DType::F16,
-        _ => DType::F32,
-    }
+/// How inference commands build their model: `--no-fold`, `--dtype`, the device.
+struct Inference {
+    fold: bool,
+    dtype: DType,
+    device: Device,
 }
 
-fn fold_enabled() -> bool {
-    FOLD.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Loads a weight file for inference (BatchNorms folded unless `--no-fold`).
-fn load(weights: &str, device: &Device, os: Option<usize>) -> Result<LoadedModel> {
-    let path = files::resolve_weights(weights)?;
-    let mut loaded = files::load_model_as(
-        &path,
-        device,
-        output_stride(os, "--output-stride")?,
-        infer_dtype(),
-    )?;
-    if fold_enabled() {
-        loaded
-            .model
-            .fold_batch_norm()
+impl Inference {
+    /// Loads a weight file for inference (BatchNorms folded unless `--no-fold`).
+    fn load(&self, weights: &str, os: Option<usize>) -> Result<LoadedModel> {
+        let path = files::resolve_weights(weights)?;
+        let os = output_stride(os, "--output-stride")?;
+        let mut loaded = files::load_model_as(&path, &self.device, os, self.dtype)?;
+        self.prepare(&mut loaded.model)
             .with_context(|| format!("{}: folding BatchNorm", path.display()))?;
+        Ok(loaded)
     }
-    Ok(loaded)
+
+    /// Folds the model's BatchNorms unless `--no-fold`.
+    fn prepare(&self, model: &mut DeepLabModel) -> candle_core::Result<()> {
+        if self.fold {
+            model.fold_batch_norm()?;
+        }
+        Ok(())
+    }
 }
 
 fn parse_scales(s: &str) -> Result<Vec<f64>> {
@@ -618,7 +613,8 @@ fn parse_scales(s: &str) -> Result<Vec<f64>> {
     Ok(v)
 }
 
-fn cmd_eval(a: EvalArgs, progress: bool, device: &Device) -> Result<()> {
+fn cmd_eval(a: EvalArgs, progress: bool, inference: &Inference) -> Result<()> {
+    let device = &inference.device;
     let (data, weights, bundled) = match (&a.data, &a.weights) {
         (None, None) => {
             let d = files::sample_dataset_dir();
@@ -634,7 +630,7 @@ fn cmd_eval(a: EvalArgs, progress: bool, device: &Device) -> Result<()> {
             "--data is required with --weights (only the bundled sample runs without arguments)"
         ),
     };
-    let loaded = load(&weights, device, a.output_stride)?;
+    let loaded = inference.load(&weights, a.output_stride)?;
     // the split: val by default, or every image of a folder dataset without splits/val.txt
     let format = match a.dataset {
         DatasetKind::Auto => DatasetFormat::detect(&data)
@@ -836,7 +832,8 @@ fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn cmd_predict(a: PredictArgs, device: &Device) -> Result<()> {
+fn cmd_predict(a: PredictArgs, inference: &Inference) -> Result<()> {
+    let device = &inference.device;
     let weights = match &a.weights {
         Some(w) => w.clone(),
         None => {
@@ -857,7 +854,7 @@ fn cmd_predict(a: PredictArgs, device: &Device) -> Result<()> {
         a.inputs.clone()
     };
     let images = collect_images(&inputs)?;
-    let loaded = load(&weights, device, a.output_stride)?;
+    let loaded = inference.load(&weights, a.output_stride)?;
     let classes = match &a.classes {
         Some(p) => ClassTable::from_file(p)?,
         None => loaded.class_table()?,
@@ -1123,7 +1120,8 @@ fn cmd_info(a: InfoArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
-fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
+fn cmd_bench(a: BenchArgs, inference: &Inference) -> Result<()> {
+    let device = &inference.device;
     let (h, w) = parse_hw(&a.size, "--size")?;
     if a.batch == 0 || a.iters == 0 {
         bail!("--batch and --iters must be at least 1");
@@ -1136,48 +1134,44 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let x = crate::init::initial_value("bench.input.weight", &[a.batch, 3, h, w], 1, device)?;
-    // a seeded, trainable model (random weights) or the weight file's
-    let (cfg, vm) = match &a.weights {
-        Some(wt) => {
-            let loaded = load(wt, device, None)?;
-            let cfg = loaded.model.config().clone();
-            let vm = candle_nn::VarMap::new();
-            DeepLabModel::new(
-                &cfg,
-                candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
-            )?;
-            let st = candle_core::safetensors::load(wt, device)
-                .with_context(|| format!("reading {wt}"))?;
-            for (name, var) in vm
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("lock"))?
-                .iter()
-            {
-                if let Some(t) = st.get(name) {
-                    var.set(&t.to_dtype(DType::F32)?)?;
+    let (cfg, mut step): (DeepLabConfig, Box<dyn FnMut() -> Result<()>>) = if a.train {
+        // trainable variables: the weight file's, or seeded random ones
+        let vm = candle_nn::VarMap::new();
+        let cfg = match &a.weights {
+            Some(wt) => {
+                let path = files::resolve_weights(wt)?;
+                let wf = deeplab_heads::weights::read_weights(&path, device)?;
+                let cfg =
+                    train::training_config(&wf.config, BatchNormMode::Train { momentum: 0.1 });
+                DeepLabModel::new(
+                    &cfg,
+                    candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
+                )?;
+                for (name, var) in vm
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
+                    .iter()
+                {
+                    if let Some(t) = wf.tensors.get(name) {
+                        var.set(&t.to_dtype(DType::F32)?)?;
+                    }
                 }
-            }
-            (cfg, vm)
-        }
-        None => {
-            let cfg = a.model.config(21)?;
-            let cfg = if a.train {
-                train::training_config(&cfg, BatchNormMode::Train { momentum: 0.1 })
-            } else {
                 cfg
-            };
-            let vm = candle_nn::VarMap::new();
-            DeepLabModel::new(
-                &cfg,
-                candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
-            )?;
-            crate::init::init_seeded(&vm, 0)?;
-            (cfg, vm)
-        }
-    };
-    let count = cfg.count((h, w))?;
-    let mut step: Box<dyn FnMut() -> Result<()>> = if a.train {
+            }
+            None => {
+                let cfg = train::training_config(
+                    &a.model.config(21)?,
+                    BatchNormMode::Train { momentum: 0.1 },
+                );
+                DeepLabModel::new(
+                    &cfg,
+                    candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
+                )?;
+                crate::init::init_seeded(&vm, 0)?;
+                cfg
+            }
+        };
         let model = DeepLabModel::new(
             &cfg,
             candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
@@ -1190,39 +1184,53 @@ fn cmd_bench(a: BenchArgs, device: &Device) -> Result<()> {
         let params = train::trainable(&vm, BatchNormMode::Train { momentum: 0.1 })?;
         let mut opt = crate::optim::Sgd::new(params, SgdConfig::paper(&cfg.backbone))
             .map_err(anyhow::Error::msg)?;
-        Box::new(move || {
+        let step = move || -> Result<()> {
             let logits = model.forward_output(&x, true)?.upsampled;
             let loss = deeplab_ops::cross_entropy(&logits, &y, 255)?;
             let grads = loss.backward()?;
             opt.step(&grads, 1e-4)?;
             Ok(())
-        })
+        };
+        (cfg, Box::new(step))
     } else {
-        // Inference runs on plain (detached) tensors: a model made of `Var`s records the graph
-        // of every forward pass and keeps all its activations alive, as training needs.
-        let tensors = vm
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
-        drop(vm);
-        let mut model = DeepLabModel::new(
-            &cfg,
-            candle_nn::VarBuilder::from_tensors(tensors, infer_dtype(), device),
-        )?;
-        let x = x.to_dtype(infer_dtype())?;
-        if fold_enabled() {
-            model.fold_batch_norm()?;
-        }
-        Box::new(move || {
+        let model = match &a.weights {
+            Some(wt) => inference.load(wt, None)?.model,
+            None => {
+                let cfg = a.model.config(21)?;
+                let vm = candle_nn::VarMap::new();
+                DeepLabModel::new(
+                    &cfg,
+                    candle_nn::VarBuilder::from_varmap(&vm, DType::F32, device),
+                )?;
+                crate::init::init_seeded(&vm, 0)?;
+                // Inference runs on plain (detached) tensors: a model made of `Var`s records the
+                // graph of every forward pass and keeps all its activations alive.
+                let tensors = vm
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                    .collect();
+                let mut model = DeepLabModel::new(
+                    &cfg,
+                    candle_nn::VarBuilder::from_tensors(tensors, inference.dtype, device),
+                )?;
+                inference.prepare(&mut model)?;
+                model
+            }
+        };
+        let cfg = model.config().clone();
+        let x = x.to_dtype(model.dtype())?;
+        let step = move || -> Result<()> {
             let y = model.forward_output(&x, false)?.upsampled;
             // make sure the result is materialized
             let _ = y.dims();
             Ok(())
-        })
+        };
+        (cfg, Box::new(step))
     };
+    let count = cfg.count((h, w))?;
     for _ in 0..a.warmup {
         step()?;
     }

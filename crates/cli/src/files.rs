@@ -272,20 +272,16 @@ pub fn load_model_as(
             None => c.for_eval(),
         }
     };
-    let model = if metadata.contains_key(STATE_KEY) {
-        let wf = deeplab_heads::weights::read_weights(path, device)?;
-        let cfg = adjust(&wf.config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let tensors = wf
-            .tensors
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with(MOMENTUM_PREFIX))
-            .collect();
-        DeepLabModel::from_tensors_as(path, &cfg, tensors, device, dtype)?
-    } else {
-        let wf = deeplab_heads::weights::read_weights(path, device)?;
-        let cfg = adjust(&wf.config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        DeepLabModel::from_tensors_as(path, &cfg, wf.tensors, device, dtype)?
-    };
+    let wf = deeplab_heads::weights::read_weights(path, device)?;
+    let cfg = adjust(&wf.config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // a training checkpoint also holds the optimizer's momentum buffers
+    let checkpoint = metadata.contains_key(STATE_KEY);
+    let tensors = wf
+        .tensors
+        .into_iter()
+        .filter(|(k, _)| !(checkpoint && k.starts_with(MOMENTUM_PREFIX)))
+        .collect();
+    let model = DeepLabModel::from_tensors_as(path, &cfg, tensors, device, dtype)?;
     Ok(LoadedModel {
         model,
         path: path.to_path_buf(),

@@ -654,6 +654,13 @@ impl Epilogue {
         channel_affine(y, &self.scale, &self.shift, self.act)
     }
 
+    /// The host copies of scale and shift when `x` and `w` can take the fused f32 CPU kernels.
+    fn fused_f32(&self, x: &Tensor, w: &Tensor) -> Option<(&[f32], &[f32])> {
+        let (s, t) = self.host.as_ref()?;
+        let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+        f32_cpu.then_some((s.as_slice(), t.as_slice()))
+    }
+
     /// `act(depthwise_conv2d(relu?(x), w) * scale + shift)`: one pass over the data with the
     /// fused CPU kernel (f32), else the convolution followed by [`Epilogue::apply`]. The two
     /// agree bit for bit.
@@ -664,30 +671,19 @@ impl Epilogue {
         geom: &crate::Conv2dGeometry,
         input_relu: bool,
     ) -> Result<Tensor> {
-        if let Some((s, t)) = &self.host {
-            if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-                return crate::profile::record(
-                    "depthwise + epilogue",
-                    || {
-                        format!(
-                            "s{} d{} {}",
-                            geom.stride.0,
-                            geom.dilation.0,
-                            crate::profile::dims(x)
-                        )
-                    },
-                    || {
-                        crate::depthwise::depthwise_epilogue(
-                            x,
-                            w,
-                            (s, t),
-                            input_relu,
-                            self.act,
-                            geom,
-                        )
-                    },
-                );
-            }
+        if let Some(st) = self.fused_f32(x, w) {
+            return crate::profile::record(
+                "depthwise + epilogue",
+                || {
+                    format!(
+                        "s{} d{} {}",
+                        geom.stride.0,
+                        geom.dilation.0,
+                        crate::profile::dims(x)
+                    )
+                },
+                || crate::depthwise::depthwise_epilogue(x, w, st, input_relu, self.act, geom),
+            );
         }
         let x = if input_relu {
             Activation::Relu.apply(x)?
@@ -697,29 +693,16 @@ impl Epilogue {
         self.apply(&crate::depthwise::depthwise_conv2d(&x, w, geom)?)
     }
 
-    /// `act(conv2d(x, w) * scale + shift)` for a convolution with one group on the CPU (f32):
-    /// a 1x1 stride-1 unpadded one as the blocked gemm of [`Epilogue::pointwise_conv`], any
-    /// other as im2col + gemm with the epilogue applied to each chunk in cache. `None` where no
-    /// fused kernel applies (the caller convolves, then [`Epilogue::apply`]; the results agree
-    /// bit for bit).
-    pub fn conv2d(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        geom: &crate::Conv2dGeometry,
-    ) -> Result<Option<Tensor>> {
-        if geom.stride == (1, 1) && geom.padding.is_zero() {
-            if let Some(y) = self.pointwise_conv(x, w)? {
-                return Ok(Some(y));
-            }
-        }
-        let Some((s, t)) = &self.host else {
-            return Ok(None);
+    /// `act(conv2d(x, w) * scale + shift)` for a convolution with one group: on the CPU (f32) a
+    /// 1x1 stride-1 unpadded one is a single sgemm per image with the epilogue at the tile
+    /// store, any other im2col + sgemm with the same fused epilogue; elsewhere the convolution
+    /// followed by [`Epilogue::apply`]. All paths agree bit for bit.
+    pub fn conv2d(&self, x: &Tensor, w: &Tensor, geom: &crate::Conv2dGeometry) -> Result<Tensor> {
+        let Some(st) = self.fused_f32(x, w) else {
+            return self.apply(&crate::conv::conv2d(x, w, None, geom, 1)?);
         };
         let (cout, _, kh, kw) = w.dims4()?;
-        if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-            return Ok(None);
-        }
+        let pointwise = kh == 1 && kw == 1 && geom.stride == (1, 1) && geom.padding.is_zero();
         crate::profile::record(
             if kh * kw == 1 {
                 "conv 1x1 + epilogue"
@@ -734,33 +717,14 @@ impl Epilogue {
                     crate::profile::dims(x)
                 )
             },
-            || crate::conv::conv_gemm_epilogue(x, w, geom, (s, t), self.act),
+            || {
+                if pointwise {
+                    crate::pointwise::pointwise_epilogue(x, w, st, self.act)
+                } else {
+                    crate::conv::conv_gemm_epilogue(x, w, geom, st, self.act)
+                }
+            },
         )
-        .map(Some)
-    }
-
-    /// `act(conv1x1(x, w) * scale + shift)` for a 1x1 stride-1 convolution without padding:
-    /// the blocked gemm with the epilogue in its output pass on the CPU (f32), else `None` (the
-    /// caller convolves and then applies [`Epilogue::apply`]; the results agree bit for bit).
-    pub fn pointwise_conv(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-        let Some((s, t)) = &self.host else {
-            return Ok(None);
-        };
-        let (cout, _, kh, kw) = w.dims4()?;
-        if kh != 1
-            || kw != 1
-            || !x.device().is_cpu()
-            || x.dtype() != DType::F32
-            || w.dtype() != DType::F32
-        {
-            return Ok(None);
-        }
-        crate::profile::record(
-            "conv 1x1 + epilogue",
-            || format!("{} -> {cout}", crate::profile::dims(x)),
-            || crate::pointwise::pointwise_epilogue(x, w, s, t, self.act),
-        )
-        .map(Some)
     }
 }
 

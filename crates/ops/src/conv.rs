@@ -126,29 +126,47 @@ impl CustomOp2 for ConvGemm {
         if self.epi.is_some() {
             bail!("conv2d with a folded BatchNorm is inference-only (fold after training)")
         }
-        let (n, cin, h, wd) = x.dims4()?;
-        let (cout, _, kh, kw) = w.dims4()?;
-        let (_, _, ho, wo) = grad.dims4()?;
-        let g = grad.detach().contiguous()?.reshape((n, cout, ho * wo))?;
-        // Only what some variable depends on is computed: the stem's input image, for one,
-        // needs no gradient.
-        let dw = if w.track_op() {
-            let cols = im2col(&x.detach(), (kh, kw), &self.geom)?;
-            let dw = g.matmul(&cols.t()?)?;
-            let dw = if n == 1 { dw.squeeze(0)? } else { dw.sum(0)? };
-            Some(dw.reshape((cout, cin, kh, kw))?)
-        } else {
-            None
-        };
-        let dx = if x.track_op() {
-            let w2 = w.detach().reshape((cout, cin * kh * kw))?;
-            let dcols = w2.t()?.broadcast_left(n)?.matmul(&g)?;
-            Some(col2im(&dcols, (h, wd), (kh, kw), &self.geom)?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        matmul_conv_grads(
+            x,
+            w,
+            grad,
+            |x| im2col(x, (kh, kw), &self.geom),
+            |dcols| col2im(dcols, (h, wd), (kh, kw), &self.geom),
+        )
     }
+}
+
+/// Gradients of a convolution computed per image as `y = W2 · cols(x)` with
+/// `W2 = w.reshape(Cout, Cin * kh * kw)`: `dW = sum_b dY · cols^T`, `dX = uncols(W2^T · dY)`
+/// (`uncols` the adjoint of `cols`). Only what some variable depends on is computed: the
+/// stem's input image, for one, needs no gradient.
+pub(crate) fn matmul_conv_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    cols: impl FnOnce(&Tensor) -> Result<Tensor>,
+    uncols: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let n = x.dim(0)?;
+    let (cout, cin, kh, kw) = w.dims4()?;
+    let (_, _, ho, wo) = grad.dims4()?;
+    let g = grad.detach().contiguous()?.reshape((n, cout, ho * wo))?;
+    let dw = if w.track_op() {
+        let dw = g.matmul(&cols(&x.detach())?.t()?)?;
+        let dw = if n == 1 { dw.squeeze(0)? } else { dw.sum(0)? };
+        Some(dw.reshape((cout, cin, kh, kw))?)
+    } else {
+        None
+    };
+    let dx = if x.track_op() {
+        let w2 = w.detach().reshape((cout, cin * kh * kw))?;
+        Some(uncols(&w2.t()?.broadcast_left(n)?.matmul(&g)?)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
 }
 
 /// `act(conv2d(x, w) * scale[o] + shift[o])` as im2col + gemm with the epilogue applied to each

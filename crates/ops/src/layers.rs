@@ -126,32 +126,36 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (cout, _, kh, kw) = self.weight.dims4()?;
-        let kind = if kh * kw == 1 { "conv 1x1" } else { "conv kxk" };
-        if let Some(e) = &self.epilogue {
-            if self.groups == 1 && self.bias.is_none() {
-                if let Some(y) = e.conv2d(x, &self.weight, &self.geom)? {
-                    return Ok(y);
+        match &self.epilogue {
+            // folding moved any bias into the epilogue's shift
+            Some(e) if self.groups == 1 => e.conv2d(x, &self.weight, &self.geom),
+            e => {
+                let (cout, _, kh, kw) = self.weight.dims4()?;
+                let y = crate::profile::record(
+                    if kh * kw == 1 { "conv 1x1" } else { "conv kxk" },
+                    || {
+                        format!(
+                            "{kh}x{kw} s{} d{} {} -> {cout}",
+                            self.geom.stride.0,
+                            self.geom.dilation.0,
+                            crate::profile::dims(x)
+                        )
+                    },
+                    || {
+                        crate::conv::conv2d(
+                            x,
+                            &self.weight,
+                            self.bias.as_ref(),
+                            &self.geom,
+                            self.groups,
+                        )
+                    },
+                )?;
+                match e {
+                    Some(e) => e.apply(&y),
+                    None => Ok(y),
                 }
             }
-        }
-        let y = crate::profile::record(
-            kind,
-            || {
-                format!(
-                    "{}x{} s{} d{} {} -> {cout}",
-                    kh,
-                    kw,
-                    self.geom.stride.0,
-                    self.geom.dilation.0,
-                    crate::profile::dims(x)
-                )
-            },
-            || crate::conv::conv2d(x, &self.weight, self.bias.as_ref(), &self.geom, self.groups),
-        )?;
-        match &self.epilogue {
-            Some(e) => e.apply(&y),
-            None => Ok(y),
         }
     }
 }

@@ -85,23 +85,13 @@ impl CustomOp2 for Pointwise {
             bail!("pointwise conv with a folded BatchNorm is inference-only (fold after training)")
         }
         let (n, cin, h, wd) = x.dims4()?;
-        let (cout, _, _, _) = w.dims4()?;
-        let g = grad.detach().contiguous()?.reshape((n, cout, h * wd))?;
-        let dw = if w.track_op() {
-            let xm = x.detach().reshape((n, cin, h * wd))?;
-            let dw = g.matmul(&xm.t()?)?;
-            let dw = if n == 1 { dw.squeeze(0)? } else { dw.sum(0)? };
-            Some(dw.reshape((cout, cin, 1, 1))?)
-        } else {
-            None
-        };
-        let dx = if x.track_op() {
-            let wt = w.detach().reshape((cout, cin))?.t()?;
-            Some(wt.broadcast_left(n)?.matmul(&g)?.reshape((n, cin, h, wd))?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        crate::conv::matmul_conv_grads(
+            x,
+            w,
+            grad,
+            |x| x.reshape((n, cin, h * wd)),
+            |dx| dx.reshape((n, cin, h, wd)),
+        )
     }
 }
 
@@ -118,8 +108,7 @@ pub(crate) fn pointwise(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub(crate) fn pointwise_epilogue(
     x: &Tensor,
     w: &Tensor,
-    scale: &[f32],
-    shift: &[f32],
+    (scale, shift): (&[f32], &[f32]),
     act: Activation,
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(

@@ -52,8 +52,8 @@ pub fn record<T>(kind: &str, detail: impl FnOnce() -> String, f: impl FnOnce() -
     out
 }
 
-/// `"{n}x{c}x{h}x{w}"` of a tensor's dims.
-pub(crate) fn dims(t: &candle_core::Tensor) -> String {
+/// `"{n}x{c}x{h}x{w}"` of a tensor's dims (for `record`'s details).
+pub fn dims(t: &candle_core::Tensor) -> String {
     t.dims()
         .iter()
         .map(|d| d.to_string())

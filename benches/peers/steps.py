@@ -1,0 +1,65 @@
+"""The README's "What each optimization bought" table: median `deeplab bench` latency of the three
+issue-9 models for each step, every configuration run alternately in one sitting.
+
+Build the three binaries first (the commits are this repository's):
+    git worktree add /tmp/dl-start f9192f2 && (cd /tmp/dl-start && cargo build --release -p deeplab-cli)
+    git worktree add /tmp/dl-presgemm 31c5f2c && (cd /tmp/dl-presgemm && cargo build --release -p deeplab-cli)
+    cargo build --release -p deeplab-cli
+then
+    python3 benches/peers/steps.py /tmp/dl-start/target/release/deeplab \\
+        /tmp/dl-presgemm/target/release/deeplab target/release/deeplab --rounds 2
+Rows 2-4 are one binary: `DEEPLAB_ALLOC_PURGE=1` restores mimalloc's default purging and
+`--no-fold` keeps BatchNorms separate.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+
+MODELS = {
+    "Xception-65 v3+ OS16": ["--backbone", "xception65"],
+    "ResNet-101 v3+ OS16": ["--backbone", "resnet101"],
+    "MobileNetV2 v3 OS8": ["--backbone", "mobilenetv2_100", "--head", "v3", "--output-stride", "8",
+                           "--atrous-rates", "none"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("start", help="deeplab binary at the session start (f9192f2)")
+    ap.add_argument("presgemm", help="deeplab binary before the AVX-512 sgemm (31c5f2c)")
+    ap.add_argument("final", help="deeplab binary with everything")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    steps = [
+        ("session start (glibc malloc, graph kept alive in eval, candle dense conv, old depthwise "
+         "kernel)", a.start, {}, []),
+        ("+ eval graph not retained, ReLU op, im2col+gemm conv, new depthwise kernel (mimalloc "
+         "defaults)", a.presgemm, {"DEEPLAB_ALLOC_PURGE": "1"}, ["--no-fold"]),
+        ("+ allocator keeps freed pages (no purging)", a.presgemm, {}, ["--no-fold"]),
+        ("+ BatchNorm folded into fused conv / depthwise / gemm epilogues", a.presgemm, {}, []),
+        ("+ AVX-512 sgemm for 1x1 and im2col convs", a.final, {}, []),
+    ]
+    res = {}
+    for r in range(a.rounds):
+        for si, (_, binary, env, flags) in enumerate(steps):
+            for m, mf in MODELS.items():
+                cmd = [binary, "--threads", str(a.threads), "--quiet"] + flags + ["bench"] + mf + [
+                    "--iters", "5", "--warmup", "2"]
+                out = subprocess.run(cmd, env=dict(os.environ, RAYON_NUM_THREADS=str(a.threads), **env),
+                                     capture_output=True, text=True, check=True).stdout
+                line = next(l for l in out.splitlines() if l.startswith("latency"))
+                med = float(line.split("median ")[1].split(" ms")[0])
+                res.setdefault((si, m), []).append(med)
+                print(f"round {r + 1} step {si + 1} {m}: {med:.1f} ms", file=sys.stderr)
+    print("| step | " + " | ".join(MODELS) + " |")
+    print("|---|" + "---:|" * len(MODELS))
+    for si, (name, _, _, _) in enumerate(steps):
+        cells = " | ".join(f"{statistics.median(res[(si, m)]) / 1e3:.3f} s" for m in MODELS)
+        print(f"| {name} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
