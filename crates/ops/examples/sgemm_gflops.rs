@@ -1,12 +1,15 @@
 //! GFLOP/s of [`deeplab_ops::sgemm`] against the `gemm` crate (candle's matmul kernel) on the
 //! convolution shapes of Xception-65 / ResNet-101 at output stride 16, `C[m x n] = A[m x k] ·
-//! B[k x n]` with `m` output channels, `k` input channels (x taps) and `n` pixels.
+//! B[k x n]` with `m` output channels, `k` input channels (x taps) and `n` pixels, and on the
+//! backward products of the same convolutions: `dW = dY · colsᵀ` (`B` column-major, contracted
+//! over the pixels) and `dcols = Wᵀ · dY` (`A` column-major).
 //!
 //! `RAYON_NUM_THREADS=2 cargo run --release -p deeplab-ops --example sgemm_gflops -- --runs 9`
 //!
 //! Each shape alternates the two kernels for `--runs` rounds (default 7) and reports the
 //! median of each, and whether the results agree to 1e-5 relative.
 
+use deeplab_ops::sgemm::Operand;
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -26,13 +29,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let threads = rayon::current_num_threads();
     println!("threads: {threads}, runs: {runs}");
-    println!("| m x k x n | sgemm GFLOP/s | gemm crate GFLOP/s | ratio | max rel diff |");
-    println!("|---|---|---|---|---|");
-    for (m, k, n) in [
-        (728, 728, 1089),
-        (256, 2304, 1089),
-        (2048, 1536, 1089),
-        (256, 256, 16641),
+    println!("| product | m x k x n | sgemm GFLOP/s | gemm crate GFLOP/s | ratio | max rel diff |");
+    println!("|---|---|---|---|---|---|");
+    // (m, k, n, A column-major, B column-major, what)
+    for (m, k, n, ta, tb, what) in [
+        (728, 728, 1089, false, false, "fwd"),
+        (256, 2304, 1089, false, false, "fwd"),
+        (2048, 1536, 1089, false, false, "fwd"),
+        (256, 256, 16641, false, false, "fwd"),
+        (728, 1089, 728, false, true, "dW"),
+        (256, 1089, 2304, false, true, "dW"),
+        (256, 16641, 256, false, true, "dW"),
+        (728, 728, 1089, true, false, "dX"),
+        (2304, 256, 1089, true, false, "dX"),
+        (256, 256, 16641, true, false, "dX"),
     ] {
         let seeded = |len: usize, seed: u32| -> Vec<f32> {
             (0..len)
@@ -49,10 +59,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (mut t1, mut t2) = (Vec::new(), Vec::new());
         for _ in 0..runs + 1 {
             let t = Instant::now();
-            deeplab_ops::sgemm::sgemm((m, n, k), (&a, k), (&b, n), (&mut c1, n), None, threads)?;
+            let op = |data, rows, cols, t| {
+                if t {
+                    Operand::cols(data, rows)
+                } else {
+                    Operand::rows(data, cols)
+                }
+            };
+            deeplab_ops::sgemm::sgemm_ex(
+                (m, n, k),
+                op(&a, m, k, ta),
+                op(&b, k, n, tb),
+                (&mut c1, n),
+                false,
+                None,
+                threads,
+            )?;
             t1.push(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            // SAFETY: `a` is m x k, `b` k x n and `c2` m x n, all row-major and contiguous.
+            // (row stride, column stride) of a contiguous operand.
+            let st = |rows: usize, cols: usize, t: bool| {
+                if t {
+                    (1, rows as isize)
+                } else {
+                    (cols as isize, 1)
+                }
+            };
+            let ((ars, acs), (brs, bcs)) = (st(m, k, ta), st(k, n, tb));
+            // SAFETY: `a` is m x k, `b` k x n (contiguous in the stated order) and `c2` m x n
+            // row-major.
             unsafe {
                 gemm::gemm(
                     m,
@@ -63,11 +98,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     n as isize,
                     false,
                     a.as_ptr(),
-                    1,
-                    k as isize,
+                    acs,
+                    ars,
                     b.as_ptr(),
-                    1,
-                    n as isize,
+                    bcs,
+                    brs,
                     0.0,
                     1.0,
                     false,
@@ -94,7 +129,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let flop = 2.0 * (m * n * k) as f64;
         let (g1, g2) = (flop / median(t1) / 1e9, flop / median(t2) / 1e9);
         println!(
-            "| {m} x {k} x {n} | {g1:.0} | {g2:.0} | {:.2} | {diff:.1e} |",
+            "| {what} | {m} x {k} x {n} | {g1:.0} | {g2:.0} | {:.2} | {diff:.1e} |",
             g1 / g2
         );
         if diff > 1e-5 {

@@ -22,7 +22,7 @@
 use crate::cpu::{f32_slice, threads};
 use crate::geometry::Conv2dGeometry;
 use crate::im2col::{col2im, fill_rows, im2col, Patches};
-use crate::sgemm::{sgemm_raw, RowEpilogue};
+use crate::sgemm::{sgemm_raw, sgemm_raw_ex, RawOperand, RowEpilogue};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::cell::Cell;
 
@@ -141,7 +141,9 @@ impl CustomOp2 for ConvGemm {
 /// Gradients of a convolution computed per image as `y = W2 · cols(x)` with
 /// `W2 = w.reshape(Cout, Cin * kh * kw)`: `dW = sum_b dY · cols^T`, `dX = uncols(W2^T · dY)`
 /// (`uncols` the adjoint of `cols`). Only what some variable depends on is computed: the
-/// stem's input image, for one, needs no gradient.
+/// stem's input image, for one, needs no gradient. On the CPU in f32 both products are
+/// [`crate::sgemm`] calls on the stored tensors (transposed operands read in place, the batch
+/// sum accumulated in the weight gradient's FMA chains); elsewhere candle matmuls.
 pub(crate) fn matmul_conv_grads(
     x: &Tensor,
     w: &Tensor,
@@ -153,20 +155,144 @@ pub(crate) fn matmul_conv_grads(
     let (cout, cin, kh, kw) = w.dims4()?;
     let (_, _, ho, wo) = grad.dims4()?;
     let g = grad.detach().contiguous()?.reshape((n, cout, ho * wo))?;
+    let sgemm = x.device().is_cpu()
+        && [x.dtype(), w.dtype(), grad.dtype()]
+            .iter()
+            .all(|&d| d == DType::F32);
     let dw = if w.track_op() {
-        let dw = g.matmul(&cols(&x.detach())?.t()?)?;
-        let dw = if n == 1 { dw.squeeze(0)? } else { dw.sum(0)? };
+        let c = cols(&x.detach())?;
+        let dw = if sgemm {
+            g.apply_op2_no_bwd(&c.contiguous()?, &GradWeight)?
+        } else {
+            let dw = g.matmul(&c.t()?)?;
+            if n == 1 {
+                dw.squeeze(0)?
+            } else {
+                dw.sum(0)?
+            }
+        };
         Some(dw.reshape((cout, cin, kh, kw))?)
     } else {
         None
     };
     let dx = if x.track_op() {
         let w2 = w.detach().reshape((cout, cin * kh * kw))?;
-        Some(uncols(&w2.t()?.broadcast_left(n)?.matmul(&g)?)?)
+        let dcols = if sgemm {
+            w2.contiguous()?.apply_op2_no_bwd(&g, &GradInput)?
+        } else {
+            w2.t()?.broadcast_left(n)?.matmul(&g)?
+        };
+        Some(uncols(&dcols)?)
     } else {
         None
     };
     Ok((dx, dw))
+}
+
+/// `sum_b g_b · c_bᵀ` for `g: [n, m, l]` and `c: [n, kk, l]`: a convolution's weight gradient
+/// `[m, kk]` from the output gradient and the patch matrices, one sgemm per image accumulating
+/// into the same result (the batch sum continues each element's FMA chain).
+struct GradWeight;
+
+impl CustomOp2 for GradWeight {
+    fn name(&self) -> &'static str {
+        "conv-weight-grad-sgemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, m, l) = gl.shape().dims3()?;
+        let (nc, kk, lc) = cl.shape().dims3()?;
+        if (nc, lc) != (n, l) {
+            bail!(
+                "conv weight gradient: output gradient {:?} does not fit patches {:?}",
+                gl.dims(),
+                cl.dims()
+            )
+        }
+        let g = f32_slice(self.name(), gs, gl)?;
+        let c = f32_slice(self.name(), cs, cl)?;
+        if n == 0 {
+            return Ok((CpuStorage::F32(vec![0f32; m * kk]), Shape::from((m, kk))));
+        }
+        let mut out: Vec<f32> = Vec::with_capacity(m * kk);
+        for b in 0..n {
+            // SAFETY: image `b` of `g` is an `m x l` row-major matrix and of `c` a `kk x l`
+            // row-major one, read as the column-major `l x kk` matrix `c_bᵀ`; `out` has room
+            // for the `m x kk` result, written by the first product and accumulated into (read
+            // and written) by the others.
+            unsafe {
+                sgemm_raw_ex(
+                    (m, kk, l),
+                    RawOperand::rows(g.as_ptr().add(b * m * l), l),
+                    RawOperand::cols(c.as_ptr().add(b * kk * l), l),
+                    (out.as_mut_ptr(), kk),
+                    b > 0,
+                    None,
+                    threads(),
+                )
+            }
+        }
+        // SAFETY: the first product wrote all `m * kk` elements.
+        unsafe { out.set_len(m * kk) };
+        Ok((CpuStorage::F32(out), Shape::from((m, kk))))
+    }
+}
+
+/// `wᵀ · g_b` for `w: [m, kk]` and each image of `g: [n, m, l]`: the gradient of a
+/// convolution's patch matrices `[n, kk, l]` (of its input, for a 1x1 convolution).
+struct GradInput;
+
+impl CustomOp2 for GradInput {
+    fn name(&self) -> &'static str {
+        "conv-input-grad-sgemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, kk) = wl.shape().dims2()?;
+        let (n, mg, l) = gl.shape().dims3()?;
+        if mg != m {
+            bail!(
+                "conv input gradient: weights {:?} do not fit output gradient {:?}",
+                wl.dims(),
+                gl.dims()
+            )
+        }
+        let w = f32_slice(self.name(), ws, wl)?;
+        let g = f32_slice(self.name(), gs, gl)?;
+        let len = n * kk * l;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        for b in 0..n {
+            // SAFETY: `w` is `m x kk` row-major, read as the column-major `kk x m` matrix
+            // `wᵀ`; image `b` of `g` is `m x l` row-major; image `b`'s `kk x l` block of `out`
+            // lies inside its capacity and is only written.
+            unsafe {
+                sgemm_raw_ex(
+                    (kk, l, m),
+                    RawOperand::cols(w.as_ptr(), kk),
+                    RawOperand::rows(g.as_ptr().add(b * m * l), l),
+                    (out.as_mut_ptr().add(b * kk * l), l),
+                    false,
+                    None,
+                    threads(),
+                )
+            }
+        }
+        // SAFETY: the products wrote all `len` elements (m = 0 writes zeros).
+        unsafe { out.set_len(len) };
+        Ok((CpuStorage::F32(out), Shape::from((n, kk, l))))
+    }
 }
 
 /// `act(conv2d(x, w) * scale[o] + shift[o])` as im2col + gemm with the epilogue applied to each

@@ -1,19 +1,23 @@
 //! Single-precision matrix product `C = A · B` with an AVX-512 microkernel and an optional
 //! per-row epilogue `act(c * scale[row] + shift[row])` applied while each tile is in registers.
 //!
-//! All matrices are row-major with a row stride (leading dimension); `C` may be a strided view
-//! (only its `m x n` elements are written, none is read). The product is blocked BLIS-style:
+//! `C` is row-major with a row stride and may be a strided view (only its `m x n` elements are
+//! written; none is read unless the product accumulates into it, `C += A · B`). `A` and `B` are
+//! row-major or column-major ([`Operand`]), so the products of a convolution's backward pass,
+//! `dY · colsᵀ` and `Wᵀ · dY`, run on the stored tensors without transposed copies. The product
+//! is blocked BLIS-style:
 //! the columns are split into jobs of up to [`NC_PANELS`] micro-panels (run in parallel with
 //! rayon, and split over rows too when there are few columns), the depth into blocks of at most
 //! [`KC_MAX`]. Each job packs its `kc x nc` block of `B` into panels of [`NR`] columns
-//! (zero-padded, in L2), then for every [`MR`]-row panel of `A` (read in place: it stays in L1
-//! across the block's column panels) runs the `MR x NR` microkernel: 24 zmm accumulators,
+//! (zero-padded, in L2; a column-major `B` is transposed while packing), then for every
+//! [`MR`]-row panel of `A` (read in place, row- or column-major: it stays in L1 across the
+//! block's column panels) runs the `MR x NR` microkernel: 24 zmm accumulators,
 //! broadcast FMAs, masked loads and stores at the column edge, repeated last row at the row
 //! edge (computed, never stored).
 //!
 //! Every element is the chain of fused multiply-adds over `k = 0, 1, ...` in order, starting
-//! from zero: a depth block after the first reloads the partial sums from `C` and continues the
-//! chain. So the result does not depend on the blocking or the number of threads, and the
+//! from zero (or from `C`'s value when accumulating): a depth block after the first reloads the
+//! partial sums from `C` and continues the chain. So the result does not depend on the blocking or the number of threads, and the
 //! epilogue `v.mul_add(scale, shift)` then ReLU / ReLU6 gives exactly what
 //! [`crate::channel_affine`] gives on the plain product. Without AVX-512 (or with
 //! `DEEPLAB_NO_AVX512` set) it calls the `gemm` crate and applies the epilogue after.
@@ -45,6 +49,117 @@ pub struct RowEpilogue<'a> {
     pub act: Activation,
 }
 
+/// A matrix operand of [`sgemm_ex`]: `data` holds the matrix with leading dimension `ld`,
+/// row-major (element `(i, j)` at `i * ld + j`) or, when `transposed`, column-major (at
+/// `j * ld + i`: the row-major storage of its transpose).
+#[derive(Clone, Copy, Debug)]
+pub struct Operand<'a> {
+    /// The elements.
+    pub data: &'a [f32],
+    /// Distance between consecutive rows (row-major) or columns (column-major).
+    pub ld: usize,
+    /// Column-major storage.
+    pub transposed: bool,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix with row stride `ld`.
+    pub fn rows(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            ld,
+            transposed: false,
+        }
+    }
+
+    /// A column-major matrix with column stride `ld` (the transpose of a row-major one).
+    pub fn cols(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            ld,
+            transposed: true,
+        }
+    }
+
+    /// Checks that an `rows x cols` matrix fits; `what` names the operand in the error.
+    fn check(&self, what: &str, rows: usize, cols: usize) -> Result<()> {
+        let (outer, inner) = if self.transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        if outer == 0 || inner == 0 {
+            return Ok(());
+        }
+        let order = if self.transposed {
+            "column-major"
+        } else {
+            "row-major"
+        };
+        if self.ld < inner {
+            bail!(
+                "sgemm: {order} {what} of {rows}x{cols} with leading dimension {} < {inner}",
+                self.ld
+            )
+        }
+        let need = (outer - 1) * self.ld + inner;
+        if self.data.len() < need {
+            bail!(
+                "sgemm: {order} {what} of {rows}x{cols} with leading dimension {} needs {need} \
+                 elements, has {}",
+                self.ld,
+                self.data.len()
+            )
+        }
+        Ok(())
+    }
+
+    fn raw(&self) -> RawOperand {
+        RawOperand {
+            ptr: self.data.as_ptr(),
+            ld: self.ld,
+            transposed: self.transposed,
+        }
+    }
+}
+
+/// An [`Operand`] as a pointer, for the kernels.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawOperand {
+    pub ptr: *const f32,
+    pub ld: usize,
+    pub transposed: bool,
+}
+
+impl RawOperand {
+    /// A row-major operand.
+    pub fn rows(ptr: *const f32, ld: usize) -> Self {
+        Self {
+            ptr,
+            ld,
+            transposed: false,
+        }
+    }
+
+    /// A column-major operand.
+    pub fn cols(ptr: *const f32, ld: usize) -> Self {
+        Self {
+            ptr,
+            ld,
+            transposed: true,
+        }
+    }
+
+    /// The address of element `(i, j)` (never dereferenced here).
+    fn at(&self, i: usize, j: usize) -> *const f32 {
+        if self.transposed {
+            self.ptr.wrapping_add(j * self.ld + i)
+        } else {
+            self.ptr.wrapping_add(i * self.ld + j)
+        }
+    }
+}
+
 /// `C[m x n] = A[m x k] · B[k x n]` (row-major, row strides `lda`, `ldb`, `ldc`), then the
 /// epilogue on each row if given. `C` is only written. `threads > 1` runs the blocks on the
 /// rayon pool; the result is the same bit for bit for any `threads`.
@@ -59,29 +174,53 @@ pub struct RowEpilogue<'a> {
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn sgemm(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     (a, lda): (&[f32], usize),
     (b, ldb): (&[f32], usize),
-    (c, ldc): (&mut [f32], usize),
+    c: (&mut [f32], usize),
     epi: Option<RowEpilogue<'_>>,
     threads: usize,
 ) -> Result<()> {
-    let need = |rows: usize, cols: usize, ld: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * ld + cols
-        }
-    };
-    if (m > 0 && k > 0 && lda < k) || (k > 0 && n > 0 && ldb < n) || (m > 0 && n > 0 && ldc < n) {
-        bail!("sgemm: row strides lda {lda} ldb {ldb} ldc {ldc} too small for {m}x{k} · {k}x{n}")
-    }
-    if a.len() < need(m, k, lda) || b.len() < need(k, n, ldb) || c.len() < need(m, n, ldc) {
+    sgemm_ex(
+        dims,
+        Operand::rows(a, lda),
+        Operand::rows(b, ldb),
+        c,
+        false,
+        epi,
+        threads,
+    )
+}
+
+/// `C[m x n] = A[m x k] · B[k x n]`, or `C += A · B` with `accumulate`, for row- or
+/// column-major `A` and `B`, then the epilogue on each row if given. Each element is one chain
+/// of fused multiply-adds over `k` in order, continuing from `C`'s value when accumulating, so
+/// summing products over a batch by accumulating gives the same bits for any `threads`.
+///
+/// ```
+/// use deeplab_ops::sgemm::{sgemm_ex, Operand};
+/// let g = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2 x 3
+/// let x = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]; // 2 x 3, used as its transpose
+/// let mut c = [1.0f32; 4];
+/// // C += G · Xᵀ
+/// sgemm_ex((2, 2, 3), Operand::rows(&g, 3), Operand::cols(&x, 3), (&mut c, 2), true, None, 1)?;
+/// assert_eq!(c, [5.0, 6.0, 11.0, 12.0]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn sgemm_ex(
+    (m, n, k): (usize, usize, usize),
+    a: Operand<'_>,
+    b: Operand<'_>,
+    (c, ldc): (&mut [f32], usize),
+    accumulate: bool,
+    epi: Option<RowEpilogue<'_>>,
+    threads: usize,
+) -> Result<()> {
+    a.check("A", m, k)?;
+    b.check("B", k, n)?;
+    if m > 0 && n > 0 && (ldc < n || c.len() < (m - 1) * ldc + n) {
         bail!(
-            "sgemm: buffers of {} / {} / {} elements too small for {m}x{k} · {k}x{n} \
-             with strides {lda} / {ldb} / {ldc}",
-            a.len(),
-            b.len(),
+            "sgemm: C of {m}x{n} with row stride {ldc} does not fit {} elements",
             c.len()
         )
     }
@@ -96,11 +235,12 @@ pub fn sgemm(
     }
     // SAFETY: the checks above bound every element the product reads and writes.
     unsafe {
-        sgemm_raw(
+        sgemm_raw_ex(
             (m, n, k),
-            (a.as_ptr(), lda),
-            (b.as_ptr(), ldb),
+            a.raw(),
+            b.raw(),
             (c.as_mut_ptr(), ldc),
+            accumulate,
             epi,
             threads,
         )
@@ -115,10 +255,40 @@ pub fn sgemm(
 /// `p < k`, `j < n`; `c` writable at `i * ldc + j` for `i < m`, `j < n`, and no other thread may
 /// access those elements of `c` during the call; `epi` must hold at least `m` scales and shifts.
 pub(crate) unsafe fn sgemm_raw(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     (a, lda): (*const f32, usize),
     (b, ldb): (*const f32, usize),
+    c: (*mut f32, usize),
+    epi: Option<RowEpilogue<'_>>,
+    threads: usize,
+) {
+    // SAFETY: the caller's contract, for row-major operands.
+    unsafe {
+        sgemm_raw_ex(
+            dims,
+            RawOperand::rows(a, lda),
+            RawOperand::rows(b, ldb),
+            c,
+            false,
+            epi,
+            threads,
+        )
+    }
+}
+
+/// [`sgemm_ex`] on raw pointers.
+///
+/// # Safety
+/// `a` must be readable at every element `(i, p)`, `i < m`, `p < k`, its layout addresses, `b`
+/// at every `(p, j)`, `p < k`, `j < n`; `c` writable (and, with `accumulate`, readable and
+/// initialized) at `i * ldc + j` for `i < m`, `j < n`, and no other thread may access those
+/// elements of `c` during the call; `epi` must hold at least `m` scales and shifts.
+pub(crate) unsafe fn sgemm_raw_ex(
+    (m, n, k): (usize, usize, usize),
+    a: RawOperand,
+    b: RawOperand,
     (c, ldc): (*mut f32, usize),
+    accumulate: bool,
     epi: Option<RowEpilogue<'_>>,
     threads: usize,
 ) {
@@ -129,7 +299,9 @@ pub(crate) unsafe fn sgemm_raw(
         for i in 0..m {
             // SAFETY: row `i` of `C` is writable (caller contract).
             let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
-            row.fill(0.0);
+            if !accumulate {
+                row.fill(0.0);
+            }
             if let Some(e) = &epi {
                 apply_row(row, e.scale[i], e.shift[i], e.act);
             }
@@ -139,11 +311,20 @@ pub(crate) unsafe fn sgemm_raw(
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx512() {
         // SAFETY: the CPU has AVX-512F; the caller's contract covers the rest.
-        unsafe { blocked((m, n, k), (a, lda), (b, ldb), (c, ldc), epi, threads) };
+        unsafe { blocked((m, n, k), a, b, (c, ldc), accumulate, epi, threads) };
         return;
     }
-    // SAFETY: the caller's contract is the gemm crate's for these strides; with
-    // read_dst = false the destination is only written.
+    // (row stride, column stride) of an operand for the gemm crate.
+    let strides = |o: &RawOperand| {
+        if o.transposed {
+            (1, o.ld as isize)
+        } else {
+            (o.ld as isize, 1)
+        }
+    };
+    let ((a_rs, a_cs), (b_rs, b_cs)) = (strides(&a), strides(&b));
+    // SAFETY: the caller's contract is the gemm crate's for these strides; the destination is
+    // read only when accumulating (alpha = 1 keeps it, beta = 1 adds the product).
     unsafe {
         gemm::gemm(
             m,
@@ -152,14 +333,14 @@ pub(crate) unsafe fn sgemm_raw(
             c,
             1,
             ldc as isize,
-            false,
-            a,
-            1,
-            lda as isize,
-            b,
-            1,
-            ldb as isize,
-            0.0,
+            accumulate,
+            a.ptr,
+            a_cs,
+            a_rs,
+            b.ptr,
+            b_cs,
+            b_rs,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -198,6 +379,12 @@ unsafe impl<T> Send for Ptr<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for Ptr<T> {}
 
+impl<T: Copy> Ptr<T> {
+    fn get(&self) -> T {
+        self.0
+    }
+}
+
 thread_local! {
     /// Packed-`B` scratch reused across calls; taken while in use, so a re-entrant call just
     /// allocates its own.
@@ -226,13 +413,14 @@ fn grid(m: usize, n: usize, threads: usize) -> (usize, usize, usize, usize) {
 /// The AVX-512 blocked product (see the module docs).
 ///
 /// # Safety
-/// As [`sgemm_raw`] with `m, n, k > 0`, on a CPU with AVX-512F.
+/// As [`sgemm_raw_ex`] with `m, n, k > 0`, on a CPU with AVX-512F.
 #[cfg(target_arch = "x86_64")]
 unsafe fn blocked(
     (m, n, k): (usize, usize, usize),
-    (a, lda): (*const f32, usize),
-    (b, ldb): (*const f32, usize),
+    a: RawOperand,
+    b: RawOperand,
     (c, ldc): (*mut f32, usize),
+    accumulate: bool,
     epi: Option<RowEpilogue<'_>>,
     threads: usize,
 ) {
@@ -240,7 +428,8 @@ unsafe fn blocked(
     let (per_job, col_jobs, rows, row_jobs) = grid(m, n, threads);
     let kblocks = k.div_ceil(KC_MAX);
     let kc_max = k.div_ceil(kblocks);
-    let (pa, pb, pc) = (Ptr(a), Ptr(b), Ptr(c));
+    let pc = Ptr(c);
+    let (pa, pb) = (Ptr(a), Ptr(b));
     let job = |j: usize| {
         let (ri, ci) = (j / col_jobs, j % col_jobs);
         let (i0, j0) = (ri * rows, ci * per_job * NR);
@@ -250,19 +439,20 @@ unsafe fn blocked(
         if buf.len() < kc_max * np * NR {
             buf = vec![0f32; kc_max * per_job * NR];
         }
-        let (a, b, c) = (pa, pb, pc);
+        // Whole-struct uses (not `pa.0`), so the closure captures the `Send` wrappers.
+        let (a, b, c) = (pa.get(), pb.get(), pc);
         for p0 in (0..k).step_by(kc_max) {
             let kc = kc_max.min(k - p0);
             // SAFETY: rows `p0..p0 + kc`, columns `j0..j1` of `B` are in bounds.
-            unsafe { avx512::pack_b(b.0.add(p0 * ldb + j0), ldb, kc, j1 - j0, &mut buf) };
-            let first = p0 == 0;
+            unsafe { avx512::pack_b(b, p0, j0, kc, j1 - j0, &mut buf) };
+            let first = p0 == 0 && !accumulate;
             let last = p0 + kc == k;
             for i in (i0..i1).step_by(MR) {
                 let r = MR.min(i1 - i);
                 if i + MR < i1 {
                     // The next row panel of `A` heads for L2 while this one is used.
                     let rn = MR.min(i1 - i - MR);
-                    avx512::prefetch_rows(a.0.wrapping_add((i + MR) * lda + p0), lda, rn, kc);
+                    avx512::prefetch_a(a, i + MR, p0, rn, kc);
                 }
                 let e = match (&epi, last) {
                     (Some(e), true) => Some((&e.scale[i..i + r], &e.shift[i..i + r], e.act)),
@@ -273,11 +463,16 @@ unsafe fn blocked(
                     // SAFETY: the tile's rows `i..i + r` and columns `jj..jj + cols` are this
                     // job's own part of `C`; `A` rows `i..i + r`, columns `p0..p0 + kc` are in
                     // bounds; panel `q` of the packed block holds `kc * NR` values.
+                    let kernel = if a.transposed {
+                        avx512::kernel_t
+                    } else {
+                        avx512::kernel
+                    };
                     unsafe {
-                        avx512::kernel(
+                        kernel(
                             kc,
-                            a.0.add(i * lda + p0),
-                            lda,
+                            a.at(i, p0),
+                            a.ld,
                             r,
                             buf.as_ptr().add(q * kc * NR),
                             c.0.add(i * ldc + jj),
@@ -302,7 +497,7 @@ unsafe fn blocked(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Activation, MR, NR};
+    use super::{Activation, RawOperand, MR, NR};
     use std::arch::x86_64::*;
 
     const NV: usize = NR / 16;
@@ -313,16 +508,18 @@ mod avx512 {
         ((1u32 << n.min(16)) - 1) as __mmask16
     }
 
-    /// Packs `kc` rows of `cols` columns of `B` (row stride `ldb`) into `buf` as consecutive
-    /// panels of `NR` columns, each `kc` rows of `NR` values, zero-padded past `cols`.
+    /// Packs rows `p0..p0 + kc`, columns `j0..j0 + cols` of `B` into `buf` as consecutive
+    /// panels of `NR` columns, each `kc` rows of `NR` values, zero-padded past `cols`. A
+    /// column-major `B` is read column by column (contiguous) and transposed into the panels.
     ///
     /// # Safety
-    /// `b` readable at `p * ldb + j` for `p < kc`, `j < cols`; `buf` holds at least
-    /// `kc * cols.div_ceil(NR) * NR` values; AVX-512F.
+    /// Those elements of `b` are readable; `buf` holds at least `kc * cols.div_ceil(NR) * NR`
+    /// values; AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack_b(
-        b: *const f32,
-        ldb: usize,
+        b: RawOperand,
+        p0: usize,
+        j0: usize,
         kc: usize,
         cols: usize,
         buf: &mut [f32],
@@ -332,13 +529,29 @@ mod avx512 {
         let out = buf.as_mut_ptr();
         for q in 0..np {
             let left = cols - q * NR;
+            if b.transposed {
+                let panel = &mut buf[q * kc * NR..(q + 1) * kc * NR];
+                for jj in 0..NR {
+                    if jj < left {
+                        // SAFETY: column `j0 + q * NR + jj` of `B`, rows `p0..p0 + kc`.
+                        let src =
+                            unsafe { std::slice::from_raw_parts(b.at(p0, j0 + q * NR + jj), kc) };
+                        for (dst, &v) in panel[jj..].iter_mut().step_by(NR).zip(src) {
+                            *dst = v;
+                        }
+                    } else {
+                        panel[jj..].iter_mut().step_by(NR).for_each(|d| *d = 0.0);
+                    }
+                }
+                continue;
+            }
             let masks: [__mmask16; NV] =
                 std::array::from_fn(|v| lanes(left.saturating_sub(16 * v)));
             for p in 0..kc {
-                // SAFETY: masked lanes stay inside row `p`'s `cols` columns; the destination
-                // is panel `q`, row `p` of `buf` (length checked above).
+                // SAFETY: masked lanes stay inside row `p0 + p`'s `cols` columns; the
+                // destination is panel `q`, row `p` of `buf` (length checked above).
                 unsafe {
-                    let src = b.add(p * ldb + q * NR);
+                    let src = b.at(p0 + p, j0 + q * NR);
                     let dst = out.add((q * kc + p) * NR);
                     for (v, &mk) in masks.iter().enumerate() {
                         _mm512_storeu_ps(
@@ -351,15 +564,25 @@ mod avx512 {
         }
     }
 
-    /// Prefetches `rows` rows of `cols` values (row stride `ld`) into L2. Prefetches do not
+    /// Prefetches rows `i0..i0 + rows`, columns `p0..p0 + kc` of `A` into L2. Prefetches do not
     /// fault, so this is safe for any address.
     #[inline]
-    pub(super) fn prefetch_rows(p: *const f32, ld: usize, rows: usize, cols: usize) {
-        for r in 0..rows {
-            let row = p.wrapping_add(r * ld);
-            for q in (0..cols).step_by(16).chain([cols - 1]) {
-                // SAFETY: a prefetch is a hint: it never faults nor changes memory.
-                unsafe { _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(q) as *const i8) };
+    pub(super) fn prefetch_a(a: RawOperand, i0: usize, p0: usize, rows: usize, kc: usize) {
+        let fetch = |p: *const f32| {
+            // SAFETY: a prefetch is a hint: it never faults nor changes memory.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) }
+        };
+        if a.transposed {
+            // Column `p` holds the panel's rows contiguously: one or two lines.
+            for p in p0..p0 + kc {
+                fetch(a.at(i0, p));
+                fetch(a.at(i0 + rows - 1, p));
+            }
+        } else {
+            for r in i0..i0 + rows {
+                for q in (p0..p0 + kc).step_by(16).chain([p0 + kc - 1]) {
+                    fetch(a.at(r, q));
+                }
             }
         }
     }
@@ -378,68 +601,100 @@ mod avx512 {
         }
     }
 
-    /// One `rows x cols` tile (`rows <= MR`, `cols <= NR`) of `C`: zero (`first`) or the
-    /// partial sums in `C`, plus `A[rows x kc] · Bpanel[kc x NR]` as in-order FMA chains, stored
-    /// back, through `epi` (scale and shift of the tile's rows, activation) when given.
-    ///
-    /// # Safety
-    /// `a` readable at `i * lda + p` for `i < rows`, `p < kc`; `b` at `p * NR + j` for `p < kc`,
-    /// `j < NR`; `c` readable (unless `first`) and writable at `i * ldc + j` for `i < rows`,
-    /// `j < cols`; `1 <= rows <= MR`, `1 <= cols <= NR`; AVX-512F.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel(
-        kc: usize,
-        a: *const f32,
-        lda: usize,
-        rows: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-        first: bool,
-        epi: Option<(&[f32], &[f32], Activation)>,
-    ) {
-        let masks: [__mmask16; NV] = std::array::from_fn(|v| lanes(cols.saturating_sub(16 * v)));
-        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        // Rows past the edge repeat the last row: computed, never stored.
-        let ap: [*const f32; MR] = std::array::from_fn(|i| a.wrapping_add(i.min(rows - 1) * lda));
-        if !first {
-            for (i, acc) in acc.iter_mut().enumerate() {
-                if i < rows {
-                    for (v, acc) in acc.iter_mut().enumerate() {
-                        // SAFETY: masked to the tile's columns of row `i`.
-                        *acc = unsafe { _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v)) };
+    /// Defines a microkernel for one storage order of `A`: `$row` is the step between the
+    /// tile's rows, `$depth` between its columns (the two are kept as separate functions with
+    /// literal steps: LLVM keeps the 24 accumulators in registers only for these simple forms).
+    macro_rules! tile_kernel {
+        ($(#[$doc:meta])* $name:ident, row_step: $row:expr, depth_step: $depth:expr) => {
+            $(#[$doc])*
+            ///
+            /// One `rows x cols` tile (`rows <= MR`, `cols <= NR`) of `C`: zero (`first`) or the
+            /// partial sums in `C`, plus `A[rows x kc] · Bpanel[kc x NR]` as in-order FMA
+            /// chains, stored back, through `epi` (scale and shift of the tile's rows,
+            /// activation) when given; `a` is the tile's first element of `A`.
+            ///
+            /// # Safety
+            /// `a` readable at every element `(i, p)`, `i < rows`, `p < kc`, of its layout; `b`
+            /// at `p * NR + j` for `p < kc`, `j < NR`; `c` readable (unless `first`) and
+            /// writable at `i * ldc + j` for `i < rows`, `j < cols`; `1 <= rows <= MR`,
+            /// `1 <= cols <= NR`; AVX-512F.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = "avx512f")]
+            pub(super) unsafe fn $name(
+                kc: usize,
+                a: *const f32,
+                lda: usize,
+                rows: usize,
+                b: *const f32,
+                c: *mut f32,
+                ldc: usize,
+                cols: usize,
+                first: bool,
+                epi: Option<(&[f32], &[f32], Activation)>,
+            ) {
+                let masks: [__mmask16; NV] =
+                    std::array::from_fn(|v| lanes(cols.saturating_sub(16 * v)));
+                let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+                let row_step: usize = $row(lda);
+                // Rows past the edge repeat the last row: computed, never stored.
+                let ap: [*const f32; MR] =
+                    std::array::from_fn(|i| a.wrapping_add(i.min(rows - 1) * row_step));
+                if !first {
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        if i < rows {
+                            for (v, acc) in acc.iter_mut().enumerate() {
+                                // SAFETY: masked to the tile's columns of row `i`.
+                                *acc = unsafe {
+                                    _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v))
+                                };
+                            }
+                        }
+                    }
+                }
+                for p in 0..kc {
+                    // SAFETY: row `p` of the packed panel and column `p` of the tile's rows of
+                    // `A`.
+                    unsafe {
+                        let bp = b.add(p * NR);
+                        let bv: [__m512; NV] =
+                            std::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
+                        let off: usize = $depth(p, lda);
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let av = _mm512_set1_ps(*ap[i].add(off));
+                            for (v, acc) in acc.iter_mut().enumerate() {
+                                *acc = _mm512_fmadd_ps(av, bv[v], *acc);
+                            }
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    if i < rows {
+                        for (v, &x) in acc.iter().enumerate() {
+                            let y = match epi {
+                                Some((s, t, act)) => finish(x, s[i], t[i], act),
+                                None => x,
+                            };
+                            // SAFETY: masked to the tile's columns of row `i`.
+                            unsafe { _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], y) };
+                        }
                     }
                 }
             }
-        }
-        for p in 0..kc {
-            // SAFETY: row `p` of the packed panel and column `p` of the tile's rows of `A`.
-            unsafe {
-                let bp = b.add(p * NR);
-                let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ap[i].add(p));
-                    for (v, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm512_fmadd_ps(av, bv[v], *acc);
-                    }
-                }
-            }
-        }
-        for (i, acc) in acc.iter().enumerate() {
-            if i < rows {
-                for (v, &x) in acc.iter().enumerate() {
-                    let y = match epi {
-                        Some((s, t, act)) => finish(x, s[i], t[i], act),
-                        None => x,
-                    };
-                    // SAFETY: masked to the tile's columns of row `i`.
-                    unsafe { _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], y) };
-                }
-            }
-        }
+        };
     }
+
+    tile_kernel!(
+        /// The microkernel for a row-major `A` (row stride `lda`).
+        kernel,
+        row_step: |lda| lda,
+        depth_step: |p, _lda| p
+    );
+    tile_kernel!(
+        /// The microkernel for a column-major `A` (column stride `lda`).
+        kernel_t,
+        row_step: |_lda| 1,
+        depth_step: |p, lda| p * lda
+    );
 }
 
 #[cfg(test)]

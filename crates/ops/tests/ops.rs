@@ -1039,6 +1039,147 @@ fn sgemm_threads_are_bit_identical() -> Result<()> {
     Ok(())
 }
 
+/// Column-major operands and accumulation (`sgemm_ex`, the convolution backward's products):
+/// every combination of storage orders against an f64 reference of `C0 + A · B`, stride gaps
+/// untouched, the same bits on 1, 2 and 3 threads, and accumulating the two halves of the
+/// depth gives exactly the single product (the chains continue).
+#[test]
+fn sgemm_transposed_operands_and_accumulation() -> Result<()> {
+    use sgemm::Operand;
+    fn op(d: &[f32], ld: usize, t: bool) -> Operand<'_> {
+        if t {
+            Operand::cols(d, ld)
+        } else {
+            Operand::rows(d, ld)
+        }
+    }
+    let mut seed = 3000;
+    for (m, n, k) in [
+        (1, 1, 1),
+        (7, 33, 5),
+        (17, 49, 300),
+        (50, 16, 257),
+        (100, 97, 40),
+        (9, 300, 600),
+    ] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            seed += 3;
+            // Stored with a padded leading dimension: A is m x k (or k rows of m), B k x n.
+            let (lda, ldb, ldc) = (
+                if ta { m + 2 } else { k + 2 },
+                if tb { k + 1 } else { n + 3 },
+                n + 4,
+            );
+            let a = random_vec(if ta { k * lda } else { m * lda }, seed);
+            let b = random_vec(if tb { n * ldb } else { k * ldb }, seed + 1);
+            let at = |i: usize, p: usize| if ta { a[p * lda + i] } else { a[i * lda + p] };
+            let bt = |p: usize, j: usize| if tb { b[j * ldb + p] } else { b[p * ldb + j] };
+            let c0: Vec<f32> = random_vec(m * ldc, seed + 2)
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| if i % ldc >= n { 7.0 } else { v })
+                .collect();
+            let run = |threads: usize| -> Result<Vec<f32>> {
+                let mut c = c0.clone();
+                sgemm::sgemm_ex(
+                    (m, n, k),
+                    op(&a, lda, ta),
+                    op(&b, ldb, tb),
+                    (&mut c, ldc),
+                    true,
+                    None,
+                    threads,
+                )?;
+                Ok(c)
+            };
+            let c = run(2)?;
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut mag) =
+                        (c0[i * ldc + j] as f64, c0[i * ldc + j].abs() as f64);
+                    for p in 0..k {
+                        let t = at(i, p) as f64 * bt(p, j) as f64;
+                        exact += t;
+                        mag += t.abs();
+                    }
+                    let got = c[i * ldc + j] as f64;
+                    assert!(
+                        (got - exact).abs() <= 1.2e-7 * (k + 1) as f64 * mag + 1e-30,
+                        "{m}x{n}x{k} ta {ta} tb {tb} at ({i}, {j}): {got} vs {exact}"
+                    );
+                }
+                assert!(
+                    c[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == 7.0),
+                    "{m}x{n}x{k} ta {ta} tb {tb}: stride gap of row {i} written"
+                );
+            }
+            for t in [1, 3] {
+                assert!(run(t)? == c, "{m}x{n}x{k} ta {ta} tb {tb} on {t} threads");
+            }
+            // Depth split in two: the second product continues the first's chains.
+            let h = k / 2;
+            let sub_a = |p0: usize| if ta { &a[p0 * lda..] } else { &a[p0..] };
+            let sub_b = |p0: usize| if tb { &b[p0..] } else { &b[p0 * ldb..] };
+            let mut whole = vec![7.0f32; m * ldc];
+            let mut split = whole.clone();
+            sgemm::sgemm_ex(
+                (m, n, k),
+                op(&a, lda, ta),
+                op(&b, ldb, tb),
+                (&mut whole, ldc),
+                false,
+                None,
+                2,
+            )?;
+            sgemm::sgemm_ex(
+                (m, n, h),
+                op(sub_a(0), lda, ta),
+                op(sub_b(0), ldb, tb),
+                (&mut split, ldc),
+                false,
+                None,
+                2,
+            )?;
+            sgemm::sgemm_ex(
+                (m, n, k - h),
+                op(sub_a(h), lda, ta),
+                op(sub_b(h), ldb, tb),
+                (&mut split, ldc),
+                true,
+                None,
+                1,
+            )?;
+            // (Exact for the AVX-512 kernel; the `gemm` crate fallback orders its sums by
+            // its own blocking.)
+            #[cfg(target_arch = "x86_64")]
+            let own_kernel = std::env::var_os("DEEPLAB_NO_AVX512").is_none()
+                && std::is_x86_feature_detected!("avx512f");
+            #[cfg(not(target_arch = "x86_64"))]
+            let own_kernel = false;
+            let same = whole
+                .iter()
+                .zip(&split)
+                .all(|(x, y)| x == y || (!own_kernel && (x - y).abs() <= 1e-4 * (1.0 + x.abs())));
+            assert!(same, "{m}x{n}x{k} ta {ta} tb {tb}: split depth differs");
+        }
+    }
+    // A column-major operand too short for its leading dimension is an error naming it.
+    let short = vec![0f32; 10];
+    let mut c = vec![0f32; 9];
+    let e = sgemm::sgemm_ex(
+        (3, 3, 4),
+        Operand::cols(&short, 3),
+        Operand::rows(&short, 3),
+        (&mut c, 3),
+        false,
+        None,
+        1,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("column-major A"), "{e}");
+    Ok(())
+}
+
 /// Operands too small for the stated sizes and strides, or an epilogue with too few rows, are
 /// errors that name the sizes, not out-of-bounds accesses.
 #[test]
