@@ -256,22 +256,7 @@ impl CustomOp3 for BnTrainFwd {
             tail[ch] = *m;
             tail[c + ch] = *v;
         }
-        let eps = self.eps;
-        y.par_chunks_mut(hw.max(1))
-            .enumerate()
-            .for_each(|(plane, yp)| {
-                let ch = plane % c;
-                let (m, v) = stats[ch];
-                let inv = (1.0 / (v as f64 + eps).sqrt()) as f32;
-                let scale = g[ch] * inv;
-                let shift = b[ch] - m * scale;
-                let xp = &x[plane * hw..(plane + 1) * hw];
-                multiversion!(|| {
-                    for (o, v) in yp.iter_mut().zip(xp) {
-                        *o = v.mul_add(scale, shift);
-                    }
-                })
-            });
+        normalize(x, y, &stats, (g, b), (c, hw), self.eps, Activation::None);
         Ok((CpuStorage::F32(out), Shape::from(total + 2 * c)))
     }
 
@@ -298,17 +283,137 @@ impl CustomOp3 for BnTrainFwd {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, wd) = x.dims4()?;
         let total = n * c * h * wd;
-        let dy = grad
-            .narrow(0, 0, total)?
-            .reshape((n, c, h, wd))?
-            .contiguous()?;
-        let params = Tensor::cat(&[w.to_dtype(DType::F32)?, res.narrow(0, total, 2 * c)?], 0)?;
-        let packed = x.apply_op3_no_bwd(&dy, &params, &BnTrainBwd { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, total)?.reshape((n, c, h, wd))?;
-        let dg = packed.narrow(0, total, c)?;
-        let db = packed.narrow(0, total + c, c)?;
-        Ok((Some(dx), Some(dg), Some(db)))
+        let dy = grad.narrow(0, 0, total)?.reshape((n, c, h, wd))?;
+        bn_train_grads(x, w, &dy, &res.narrow(0, total, 2 * c)?, self.eps)
     }
+}
+
+/// The gradients of a training-mode BatchNorm from its input `x`, weight `w`, output gradient
+/// `dy` and batch statistics `mean_var` (`[mean (C), var (C)]`): `(dx, dweight, dbias)`.
+fn bn_train_grads(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    mean_var: &Tensor,
+    eps: f64,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (n, c, h, wd) = x.dims4()?;
+    let total = n * c * h * wd;
+    let params = Tensor::cat(&[&w.to_dtype(DType::F32)?, mean_var], 0)?;
+    let packed = x.apply_op3_no_bwd(&dy.contiguous()?, &params, &BnTrainBwd { eps })?;
+    let dx = packed.narrow(0, 0, total)?.reshape((n, c, h, wd))?;
+    let dg = packed.narrow(0, total, c)?;
+    let db = packed.narrow(0, total + c, c)?;
+    Ok((Some(dx), Some(dg), Some(db)))
+}
+
+/// Training forward on the CPU: `(x, weight, bias) -> y = act(bn(x))` with the shape of `x`;
+/// the batch statistics are kept in the op (read back by [`batch_norm_train_act`], used by the
+/// backward). Unlike the packed output of [`BnTrainFwd`] followed by an activation op, `y`
+/// needs no narrow and reshape (whose backward passes would each add a zero-filled copy of the
+/// gradient), and the normalized values before the activation are never stored.
+struct BnTrainCpu {
+    eps: f64,
+    act: Activation,
+    stats: std::sync::Arc<std::sync::Mutex<Vec<(f32, f32)>>>,
+}
+
+/// The batch `(mean, var)` a [`BnTrainCpu`] forward stored, as one `[2 * C]` tensor.
+fn stored_mean_var(
+    stats: &std::sync::Mutex<Vec<(f32, f32)>>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let stats = match stats.lock() {
+        Ok(s) => s.clone(),
+        Err(_) => bail!("batch_norm: statistics lock poisoned"),
+    };
+    if stats.is_empty() {
+        bail!("batch_norm: statistics read before the forward pass ran")
+    }
+    let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+    let c = mean.len();
+    Tensor::from_vec([mean, var].concat(), 2 * c, device)
+}
+
+impl CustomOp3 for BnTrainCpu {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let hw = h * w;
+        let x = f32_slice(self.name(), xs, xl)?;
+        let g = f32_slice(self.name(), ws, wl)?;
+        let b = f32_slice(self.name(), bs, bl)?;
+        let stats = channel_stats(x, n, c, hw);
+        let mut y = vec![0f32; n * c * hw];
+        normalize(x, &mut y, &stats, (g, b), (c, hw), self.eps, self.act);
+        match self.stats.lock() {
+            Ok(mut s) => *s = stats,
+            Err(_) => bail!("batch_norm: statistics lock poisoned"),
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, c, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The activation's gradient from the output, then the normalization's.
+        let dz = match self.act {
+            Activation::None => grad.clone(),
+            act => grad
+                .contiguous()?
+                .apply_op2_no_bwd(&res.contiguous()?, &ActBwd { act })?,
+        };
+        bn_train_grads(
+            x,
+            w,
+            &dz,
+            &stored_mean_var(&self.stats, x.device())?,
+            self.eps,
+        )
+    }
+}
+
+/// `y = act((x - mean) / sqrt(var + eps) * gamma + beta)` per channel plane, in parallel.
+fn normalize(
+    x: &[f32],
+    y: &mut [f32],
+    stats: &[(f32, f32)],
+    (g, b): (&[f32], &[f32]),
+    (c, hw): (usize, usize),
+    eps: f64,
+    act: Activation,
+) {
+    y.par_chunks_mut(hw.max(1))
+        .enumerate()
+        .for_each(|(plane, yp)| {
+            let ch = plane % c;
+            let (m, v) = stats[ch];
+            let inv = (1.0 / (v as f64 + eps).sqrt()) as f32;
+            let scale = g[ch] * inv;
+            let shift = b[ch] - m * scale;
+            let xp = &x[plane * hw..(plane + 1) * hw];
+            multiversion!(|| {
+                for (o, v) in yp.iter_mut().zip(xp) {
+                    *o = act.scalar(v.mul_add(scale, shift));
+                }
+            })
+        });
 }
 
 /// Training backward on `(x, dy, [weight, mean, var])`; output `[dx, dweight, dbias]` flat.
@@ -428,6 +533,19 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    batch_norm_train_act(x, weight, bias, eps, Activation::None)
+}
+
+/// [`batch_norm_train`] followed by `act`, as one op on the CPU (one output tensor, one
+/// backward node: the activation's gradient is taken from the output). Returns
+/// `act(normalized)` and the batch mean and biased variance.
+pub fn batch_norm_train_act(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    act: Activation,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, c, h, w) = x.dims4()?;
     if weight.dims() != [c] || bias.dims() != [c] {
         bail!(
@@ -444,15 +562,32 @@ pub fn batch_norm_train(
         )
     }
     if !crate::cpu::has_kernel(x.device()) {
-        return crate::reference::batch_norm_train(x, weight, bias, eps);
+        let (y, mean, var) = crate::reference::batch_norm_train(x, weight, bias, eps)?;
+        return Ok((act.apply(&y)?, mean, var));
     }
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    let packed = x32.apply_op3(
-        &weight.to_dtype(DType::F32)?.contiguous()?,
-        &bias.to_dtype(DType::F32)?.contiguous()?,
-        BnTrainFwd { eps },
-    )?;
+    let (w32, b32) = (
+        weight.to_dtype(DType::F32)?.contiguous()?,
+        bias.to_dtype(DType::F32)?.contiguous()?,
+    );
+    if x.device().is_cpu() {
+        let op = BnTrainCpu {
+            eps,
+            act,
+            stats: Default::default(),
+        };
+        let stats = op.stats.clone();
+        let y = x32.apply_op3(&w32, &b32, op)?;
+        let mean_var = stored_mean_var(&stats, x.device())?;
+        return Ok((
+            y.to_dtype(dtype)?,
+            mean_var.narrow(0, 0, c)?,
+            mean_var.narrow(0, c, c)?,
+        ));
+    }
+    // Other devices: one packed `[y, mean, var]` output.
+    let packed = x32.apply_op3(&w32, &b32, BnTrainFwd { eps })?;
     let total = n * c * h * w;
     let y = packed
         .narrow(0, 0, total)?
@@ -460,7 +595,7 @@ pub fn batch_norm_train(
         .to_dtype(dtype)?;
     let mean = packed.narrow(0, total, c)?.detach();
     let var = packed.narrow(0, total + c, c)?.detach();
-    Ok((y, mean, var))
+    Ok((act.apply(&y)?, mean, var))
 }
 
 /// `act(x * scale[c] + shift[c])` over an NCHW tensor: the folded evaluation form of
@@ -871,9 +1006,10 @@ impl ModuleT for BatchNorm2d {
             return Ok(x.clone());
         }
         if train {
-            let (y, mean, var) = batch_norm_train(x, &self.weight, &self.bias, self.config.eps)?;
+            let (y, mean, var) =
+                batch_norm_train_act(x, &self.weight, &self.bias, self.config.eps, self.act)?;
             self.update_running(&mean, &var, n * h * w)?;
-            self.act.apply(&y)
+            Ok(y)
         } else {
             let (scale, shift) = self.folded()?;
             channel_affine(x, &scale, &shift, self.act)

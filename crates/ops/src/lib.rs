@@ -47,7 +47,8 @@ mod resize;
 pub mod sgemm;
 
 pub use batch_norm::{
-    batch_norm_train, channel_affine, Activation, BatchNorm2d, BatchNormConfig, Epilogue,
+    batch_norm_train, batch_norm_train_act, channel_affine, Activation, BatchNorm2d,
+    BatchNormConfig, Epilogue,
 };
 pub use conv::conv2d;
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_fused};

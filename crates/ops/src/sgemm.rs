@@ -529,24 +529,49 @@ mod avx512 {
         let out = buf.as_mut_ptr();
         for q in 0..np {
             let left = cols - q * NR;
+            let masks: [__mmask16; NV] =
+                std::array::from_fn(|v| lanes(left.saturating_sub(16 * v)));
             if b.transposed {
-                let panel = &mut buf[q * kc * NR..(q + 1) * kc * NR];
-                for jj in 0..NR {
-                    if jj < left {
-                        // SAFETY: column `j0 + q * NR + jj` of `B`, rows `p0..p0 + kc`.
-                        let src =
-                            unsafe { std::slice::from_raw_parts(b.at(p0, j0 + q * NR + jj), kc) };
-                        for (dst, &v) in panel[jj..].iter_mut().step_by(NR).zip(src) {
-                            *dst = v;
+                if b.ld * NR <= i32::MAX as usize {
+                    // Row `p` of the panel gathers 16 columns at a time (stride `ld`).
+                    let lane_off: [i32; 16] = std::array::from_fn(|l| (l * b.ld) as i32);
+                    // SAFETY: plain vector load of the 16 offsets.
+                    let idx = unsafe { _mm512_loadu_si512(lane_off.as_ptr().cast()) };
+                    for p in 0..kc {
+                        for (v, &mk) in masks.iter().enumerate() {
+                            // SAFETY: the unmasked lanes read column `j0 + q * NR + 16 * v +
+                            // l < j0 + cols`, row `p0 + p` of `B`; masked lanes read nothing
+                            // and give zero; the destination is panel `q`, row `p` of `buf`.
+                            unsafe {
+                                let src = b.at(p0 + p, j0 + q * NR + 16 * v);
+                                let g = _mm512_mask_i32gather_ps::<4>(
+                                    _mm512_setzero_ps(),
+                                    mk,
+                                    idx,
+                                    src.cast(),
+                                );
+                                _mm512_storeu_ps(out.add((q * kc + p) * NR + 16 * v), g);
+                            }
                         }
-                    } else {
-                        panel[jj..].iter_mut().step_by(NR).for_each(|d| *d = 0.0);
+                    }
+                } else {
+                    let panel = &mut buf[q * kc * NR..(q + 1) * kc * NR];
+                    for jj in 0..NR {
+                        if jj < left {
+                            // SAFETY: column `j0 + q * NR + jj` of `B`, rows `p0..p0 + kc`.
+                            let src = unsafe {
+                                std::slice::from_raw_parts(b.at(p0, j0 + q * NR + jj), kc)
+                            };
+                            for (dst, &v) in panel[jj..].iter_mut().step_by(NR).zip(src) {
+                                *dst = v;
+                            }
+                        } else {
+                            panel[jj..].iter_mut().step_by(NR).for_each(|d| *d = 0.0);
+                        }
                     }
                 }
                 continue;
             }
-            let masks: [__mmask16; NV] =
-                std::array::from_fn(|v| lanes(left.saturating_sub(16 * v)));
             for p in 0..kc {
                 // SAFETY: masked lanes stay inside row `p0 + p`'s `cols` columns; the
                 // destination is panel `q`, row `p` of `buf` (length checked above).
