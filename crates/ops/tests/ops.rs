@@ -440,6 +440,26 @@ fn batch_norm_train_matches_reference() -> Result<()> {
             let (_, mr, vr) = reference::batch_norm_train(&x, &g, &b, 1e-3)?;
             assert_close(&m, &mr, 1e-5, "batch mean")?;
             assert_close(&v, &vr, 1e-5, "batch var")?;
+            // With the activation fused into the op: candle's relu / clamp after the
+            // reference normalization (the shift makes some outputs pass 6 for ReLU6).
+            let b6 = (&b + 5.5)?;
+            for (act, shift) in [(Activation::Relu, &b), (Activation::Relu6, &b6)] {
+                compare_op(
+                    &[x.clone(), g.clone(), shift.clone()],
+                    &|t| Ok(batch_norm_train_act(&t[0], &t[1], &t[2], 1e-3, act)?.0),
+                    &|t| {
+                        let y = reference::batch_norm_train(&t[0], &t[1], &t[2], 1e-3)?.0;
+                        match act {
+                            Activation::Relu6 => y.clamp(0f32, 6f32),
+                            _ => y.relu(),
+                        }
+                    },
+                    &format!("bn train + {act:?} {shape:?}"),
+                )?;
+                let (_, ma, va) = batch_norm_train_act(&x, &g, shift, 1e-3, act)?;
+                assert_close(&ma, &mr, 1e-5, "batch mean with activation")?;
+                assert_close(&va, &vr, 1e-5, "batch var with activation")?;
+            }
         }
         let x = seeded_uniform(&[2, 2, 3, 3], 9, &dev)?;
         let g = seeded_uniform(&[2], 10, &dev)?;
