@@ -70,10 +70,13 @@ impl CustomOp2 for ConvGemm {
         let k = f32_slice(self.name(), ws, wl)?;
         let p = Patches::new((h, wd), (kh, kw), &self.geom)?;
         let (kk, l, hw) = (cin * p.taps(), p.ho * p.wo, h * wd);
-        let mut out = vec![0f32; n * cout * l];
-        if out.is_empty() || kk == 0 {
+        let total = n * cout * l;
+        if total == 0 || kk == 0 {
+            let out = vec![0f32; total];
             return Ok((CpuStorage::F32(out), Shape::from((n, cout, p.ho, p.wo))));
         }
+        // Every element is written by exactly one chunk's product: no zero fill.
+        let mut out: Vec<f32> = Vec::with_capacity(total);
         // Even chunks of whole output rows, each at most CHUNK_ELEMS (or one row) of columns.
         let chunks = (kk * l).div_ceil(CHUNK_ELEMS).clamp(1, p.ho);
         let rows = p.ho.div_ceil(chunks);
@@ -84,13 +87,13 @@ impl CustomOp2 for ConvGemm {
         }
         for b in 0..n {
             let xb = &x[b * cin * hw..(b + 1) * cin * hw];
-            let ob = &mut out[b * cout * l..(b + 1) * cout * l];
+            let ob = out.as_mut_ptr().wrapping_add(b * cout * l);
             for oy0 in (0..p.ho).step_by(rows) {
                 let oy1 = (oy0 + rows).min(p.ho);
                 let len = (oy1 - oy0) * p.wo;
                 let cols = &mut buf[..kk * len];
                 fill_rows(xb, &p, oy0, oy1, cols);
-                let dst = &mut ob[oy0 * p.wo..];
+                let dst = ob.wrapping_add(oy0 * p.wo);
                 let epi = self.epi.as_ref().map(|(scale, shift, act)| RowEpilogue {
                     scale,
                     shift,
@@ -98,14 +101,14 @@ impl CustomOp2 for ConvGemm {
                 });
                 // SAFETY: lhs is the `cout x kk` row-major weight matrix (`k.len() == cout *
                 // kk`), rhs the `kk x len` row-major chunk just filled, and dst addresses rows
-                // `r * l + [0, len)` for r < cout of `dst`, which ends at
-                // `(cout - 1) * l + len <= dst.len()` since `oy0 * wo + len <= l`.
+                // `r * l + [0, len)` for r < cout from image `b`'s output offset `oy0 * wo`,
+                // inside `out`'s capacity since `oy0 * wo + len <= l`.
                 unsafe {
                     sgemm_raw(
                         (cout, len, kk),
                         (k.as_ptr(), kk),
                         (cols.as_ptr(), len),
-                        (dst.as_mut_ptr(), l),
+                        (dst, l),
                         epi,
                         threads(),
                     )
@@ -113,6 +116,8 @@ impl CustomOp2 for ConvGemm {
             }
         }
         SCRATCH.set(buf);
+        // SAFETY: the chunks' products wrote all `total` elements.
+        unsafe { out.set_len(total) };
         Ok((CpuStorage::F32(out), Shape::from((n, cout, p.ho, p.wo))))
     }
 

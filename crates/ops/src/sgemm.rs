@@ -508,9 +508,50 @@ mod avx512 {
         ((1u32 << n.min(16)) - 1) as __mmask16
     }
 
+    /// The transpose of a 16 x 16 block held as 16 row vectors: `out[j][i] = rows[i][j]`
+    /// (pairs interleaved, then 64-bit pairs, then 128-bit lanes gathered across the four
+    /// row groups).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        // t[2i] = (a0 b0 a1 b1 | ...), t[2i + 1] = (a2 b2 a3 b3 | ...) for rows a = 2i, b = 2i + 1.
+        let t: [__m512; 16] = std::array::from_fn(|x| {
+            let (a, b) = (r[x & !1], r[x | 1]);
+            if x % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + k]: in each 128-bit lane L, rows 4g..4g + 4 at column 4L + k.
+        let u: [__m512; 16] = std::array::from_fn(|x| {
+            let (g, k) = (x / 4, x % 4);
+            let (lo, hi) = (t[4 * g + k / 2], t[4 * g + 2 + k / 2]);
+            if k % 2 == 0 {
+                _mm512_shuffle_ps::<0x44>(lo, hi)
+            } else {
+                _mm512_shuffle_ps::<0xEE>(lo, hi)
+            }
+        });
+        // Column 4L + k gathers lane L of u[k], u[4 + k], u[8 + k], u[12 + k].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let v1 = _mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]);
+            let v2 = _mm512_shuffle_f32x4::<0xDD>(u[k], u[4 + k]);
+            let w1 = _mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]);
+            let w2 = _mm512_shuffle_f32x4::<0xDD>(u[8 + k], u[12 + k]);
+            out[k] = _mm512_shuffle_f32x4::<0x88>(v1, w1);
+            out[8 + k] = _mm512_shuffle_f32x4::<0xDD>(v1, w1);
+            out[4 + k] = _mm512_shuffle_f32x4::<0x88>(v2, w2);
+            out[12 + k] = _mm512_shuffle_f32x4::<0xDD>(v2, w2);
+        }
+        out
+    }
+
     /// Packs rows `p0..p0 + kc`, columns `j0..j0 + cols` of `B` into `buf` as consecutive
     /// panels of `NR` columns, each `kc` rows of `NR` values, zero-padded past `cols`. A
-    /// column-major `B` is read column by column (contiguous) and transposed into the panels.
+    /// column-major `B` is read in 16 x 16 blocks (16 contiguous depths of 16 columns) and
+    /// transposed in registers into the panels.
     ///
     /// # Safety
     /// Those elements of `b` are readable; `buf` holds at least `kc * cols.div_ceil(NR) * NR`
@@ -532,41 +573,34 @@ mod avx512 {
             let masks: [__mmask16; NV] =
                 std::array::from_fn(|v| lanes(left.saturating_sub(16 * v)));
             if b.transposed {
-                if b.ld * NR <= i32::MAX as usize {
-                    // Row `p` of the panel gathers 16 columns at a time (stride `ld`).
-                    let lane_off: [i32; 16] = std::array::from_fn(|l| (l * b.ld) as i32);
-                    // SAFETY: plain vector load of the 16 offsets.
-                    let idx = unsafe { _mm512_loadu_si512(lane_off.as_ptr().cast()) };
-                    for p in 0..kc {
-                        for (v, &mk) in masks.iter().enumerate() {
-                            // SAFETY: the unmasked lanes read column `j0 + q * NR + 16 * v +
-                            // l < j0 + cols`, row `p0 + p` of `B`; masked lanes read nothing
-                            // and give zero; the destination is panel `q`, row `p` of `buf`.
+                // 16 x 16 blocks: 16 columns of `B`, 16 depths each (contiguous in a
+                // column-major `B`), transposed in registers into 16 panel rows.
+                for v in 0..NV {
+                    let ncols = left.saturating_sub(16 * v).min(16);
+                    for pb in (0..kc).step_by(16) {
+                        let depth = (kc - pb).min(16);
+                        let dm = lanes(depth);
+                        let rows: [__m512; 16] = std::array::from_fn(|cc| {
+                            if cc < ncols {
+                                // SAFETY: column `j0 + q * NR + 16 * v + cc < j0 + cols`,
+                                // rows `p0 + pb..p0 + pb + depth` of `B` (masked).
+                                unsafe {
+                                    _mm512_maskz_loadu_ps(
+                                        dm,
+                                        b.at(p0 + pb, j0 + q * NR + 16 * v + cc),
+                                    )
+                                }
+                            } else {
+                                _mm512_setzero_ps()
+                            }
+                        });
+                        let t = transpose16(rows);
+                        for (i, &row) in t.iter().enumerate().take(depth) {
+                            // SAFETY: panel `q`, row `pb + i < kc`, columns `16 * v..16 * v +
+                            // 16` of `buf` (length checked above).
                             unsafe {
-                                let src = b.at(p0 + p, j0 + q * NR + 16 * v);
-                                let g = _mm512_mask_i32gather_ps::<4>(
-                                    _mm512_setzero_ps(),
-                                    mk,
-                                    idx,
-                                    src.cast(),
-                                );
-                                _mm512_storeu_ps(out.add((q * kc + p) * NR + 16 * v), g);
-                            }
-                        }
-                    }
-                } else {
-                    let panel = &mut buf[q * kc * NR..(q + 1) * kc * NR];
-                    for jj in 0..NR {
-                        if jj < left {
-                            // SAFETY: column `j0 + q * NR + jj` of `B`, rows `p0..p0 + kc`.
-                            let src = unsafe {
-                                std::slice::from_raw_parts(b.at(p0, j0 + q * NR + jj), kc)
+                                _mm512_storeu_ps(out.add((q * kc + pb + i) * NR + 16 * v), row)
                             };
-                            for (dst, &v) in panel[jj..].iter_mut().step_by(NR).zip(src) {
-                                *dst = v;
-                            }
-                        } else {
-                            panel[jj..].iter_mut().step_by(NR).for_each(|d| *d = 0.0);
                         }
                     }
                 }
