@@ -73,13 +73,18 @@ impl candle_core::CustomOp1 for ActFwd {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(self.name(), xs, xl)?;
-        let mut out = vec![0f32; x.len()];
+        let mut out: Vec<f32> = Vec::with_capacity(x.len());
         let act = self.act;
-        out.par_chunks_mut(1 << 14)
+        out.spare_capacity_mut()
+            .par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
             .for_each(|(o, x)| {
-                multiversion!(|| o.iter_mut().zip(x).for_each(|(o, v)| *o = act.scalar(*v)))
+                multiversion!(|| o.iter_mut().zip(x).for_each(|(o, v)| {
+                    o.write(act.scalar(*v));
+                }))
             });
+        // SAFETY: the chunks cover the output; every element was written.
+        unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -118,16 +123,20 @@ impl candle_core::CustomOp2 for ActBwd {
                 yl.dims()
             )
         }
-        let mut out = vec![0f32; g.len()];
+        let mut out: Vec<f32> = Vec::with_capacity(g.len());
         let act = self.act;
-        out.par_chunks_mut(1 << 14)
+        out.spare_capacity_mut()
+            .par_chunks_mut(1 << 14)
             .zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
             .for_each(|(o, (g, y))| {
-                multiversion!(|| o
-                    .iter_mut()
-                    .zip(g.iter().zip(y))
-                    .for_each(|(o, (g, y))| *o = if act.passes(*y) { *g } else { 0.0 }))
+                multiversion!(
+                    || o.iter_mut().zip(g.iter().zip(y)).for_each(|(o, (g, y))| {
+                        o.write(if act.passes(*y) { *g } else { 0.0 });
+                    })
+                )
             });
+        // SAFETY: the chunks cover the output; every element was written.
+        unsafe { out.set_len(g.len()) };
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }
@@ -250,13 +259,15 @@ impl CustomOp3 for BnTrainFwd {
         let b = f32_slice(self.name(), bs, bl)?;
         let stats = channel_stats(x, n, c, hw);
         let total = n * c * hw;
-        let mut out = vec![0f32; total + 2 * c];
-        let (y, tail) = out.split_at_mut(total);
+        let mut out: Vec<f32> = Vec::with_capacity(total + 2 * c);
+        let (y, tail) = out.spare_capacity_mut().split_at_mut(total);
         for (ch, (m, v)) in stats.iter().enumerate() {
-            tail[ch] = *m;
-            tail[c + ch] = *v;
+            tail[ch].write(*m);
+            tail[c + ch].write(*v);
         }
         normalize(x, y, &stats, (g, b), (c, hw), self.eps, Activation::None);
+        // SAFETY: `normalize` wrote every element of `y`, the loop the tail.
+        unsafe { out.set_len(total + 2 * c) };
         Ok((CpuStorage::F32(out), Shape::from(total + 2 * c)))
     }
 
@@ -355,8 +366,18 @@ impl CustomOp3 for BnTrainCpu {
         let g = f32_slice(self.name(), ws, wl)?;
         let b = f32_slice(self.name(), bs, bl)?;
         let stats = channel_stats(x, n, c, hw);
-        let mut y = vec![0f32; n * c * hw];
-        normalize(x, &mut y, &stats, (g, b), (c, hw), self.eps, self.act);
+        let mut y: Vec<f32> = Vec::with_capacity(n * c * hw);
+        normalize(
+            x,
+            y.spare_capacity_mut(),
+            &stats,
+            (g, b),
+            (c, hw),
+            self.eps,
+            self.act,
+        );
+        // SAFETY: `normalize` wrote every element.
+        unsafe { y.set_len(n * c * hw) };
         match self.stats.lock() {
             Ok(mut s) => *s = stats,
             Err(_) => bail!("batch_norm: statistics lock poisoned"),
@@ -372,27 +393,41 @@ impl CustomOp3 for BnTrainCpu {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The activation's gradient from the output, then the normalization's.
-        let dz = match self.act {
-            Activation::None => grad.clone(),
-            act => grad
-                .contiguous()?
-                .apply_op2_no_bwd(&res.contiguous()?, &ActBwd { act })?,
+        if self.act == Activation::None {
+            return bn_train_grads(
+                x,
+                w,
+                grad,
+                &stored_mean_var(&self.stats, x.device())?,
+                self.eps,
+            );
+        }
+        // The activation's mask and the normalization's backward in one op.
+        let stats = match self.stats.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => bail!("batch_norm: statistics lock poisoned"),
         };
-        bn_train_grads(
-            x,
-            w,
-            &dz,
-            &stored_mean_var(&self.stats, x.device())?,
-            self.eps,
-        )
+        let op = BnActBwd {
+            eps: self.eps,
+            act: self.act,
+            gamma: w.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            stats,
+        };
+        let (n, c, h, wd) = x.dims4()?;
+        let total = n * c * h * wd;
+        let packed = x.apply_op3_no_bwd(&grad.contiguous()?, &res.contiguous()?, &op)?;
+        let dx = packed.narrow(0, 0, total)?.reshape((n, c, h, wd))?;
+        let dg = packed.narrow(0, total, c)?;
+        let db = packed.narrow(0, total + c, c)?;
+        Ok((Some(dx), Some(dg), Some(db)))
     }
 }
 
-/// `y = act((x - mean) / sqrt(var + eps) * gamma + beta)` per channel plane, in parallel.
+/// `y = act((x - mean) / sqrt(var + eps) * gamma + beta)` per channel plane, in parallel;
+/// writes every element of `y`.
 fn normalize(
     x: &[f32],
-    y: &mut [f32],
+    y: &mut [std::mem::MaybeUninit<f32>],
     stats: &[(f32, f32)],
     (g, b): (&[f32], &[f32]),
     (c, hw): (usize, usize),
@@ -410,7 +445,7 @@ fn normalize(
             let xp = &x[plane * hw..(plane + 1) * hw];
             multiversion!(|| {
                 for (o, v) in yp.iter_mut().zip(xp) {
-                    *o = act.scalar(v.mul_add(scale, shift));
+                    o.write(act.scalar(v.mul_add(scale, shift)));
                 }
             })
         });
@@ -436,73 +471,26 @@ impl CustomOp3 for BnTrainBwd {
         pl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = xl.shape().dims4()?;
-        let hw = h * w;
         let x = f32_slice(self.name(), xs, xl)?;
         let dy = f32_slice(self.name(), gs, gl)?;
         let p = f32_slice(self.name(), ps, pl)?;
-        let (gamma, mean, var) = (&p[..c], &p[c..2 * c], &p[2 * c..3 * c]);
-        let m = (n * hw) as f64;
-        let eps = self.eps;
-        // Per channel: sum(dy) and sum(dy * xhat).
-        let sums: Vec<(f64, f64, f32)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let inv = (1.0 / (var[ch] as f64 + eps).sqrt()) as f32;
-                let mu = mean[ch];
-                let (mut sd, mut sdx) = (0f64, 0f64);
-                for b in 0..n {
-                    let off = (b * c + ch) * hw;
-                    let (xp, gp) = (&x[off..off + hw], &dy[off..off + hw]);
-                    let (a, bb) = multiversion!(|| {
-                        let mut s1 = [0f32; 16];
-                        let mut s2 = [0f32; 16];
-                        let mut cx = xp.chunks_exact(16);
-                        let mut cg = gp.chunks_exact(16);
-                        for (vx, vg) in (&mut cx).zip(&mut cg) {
-                            for j in 0..16 {
-                                s1[j] += vg[j];
-                                s2[j] = vg[j].mul_add(vx[j] - mu, s2[j]);
-                            }
-                        }
-                        let mut a: f64 = s1.iter().map(|&v| v as f64).sum();
-                        let mut bb: f64 = s2.iter().map(|&v| v as f64).sum();
-                        for (vx, vg) in cx.remainder().iter().zip(cg.remainder()) {
-                            a += *vg as f64;
-                            bb += (*vg * (vx - mu)) as f64;
-                        }
-                        (a, bb)
-                    });
-                    sd += a;
-                    sdx += b_to(bb, inv);
-                }
-                (sd, sdx, inv)
-            })
-            .collect();
-        let total = n * c * hw;
-        let mut out = vec![0f32; total + 2 * c];
-        let (dx, tail) = out.split_at_mut(total);
-        for (ch, (sd, sdx, _)) in sums.iter().enumerate() {
-            tail[ch] = *sdx as f32;
-            tail[c + ch] = *sd as f32;
+        if p.len() != 3 * c || dy.len() != x.len() {
+            bail!(
+                "batch_norm backward: {} parameters / gradient {:?} for input {:?}",
+                p.len(),
+                gl.dims(),
+                xl.dims()
+            )
         }
-        dx.par_chunks_mut(hw.max(1))
-            .enumerate()
-            .for_each(|(plane, dxp)| {
-                let ch = plane % c;
-                let (sd, sdx, inv) = sums[ch];
-                let k = gamma[ch] * inv;
-                let mean_dy = (sd / m) as f32;
-                let mean_dyx = (sdx / m) as f32;
-                let mu = mean[ch];
-                let off = plane * hw;
-                let (xp, gp) = (&x[off..off + hw], &dy[off..off + hw]);
-                multiversion!(|| {
-                    for ((o, vx), vg) in dxp.iter_mut().zip(xp).zip(gp) {
-                        let xhat = (vx - mu) * inv;
-                        *o = k * (vg - mean_dy - xhat * mean_dyx);
-                    }
-                })
-            });
+        let (gamma, mean, var) = (&p[..c], &p[c..2 * c], &p[2 * c..3 * c]);
+        let out = bn_bwd_cpu::<false>(
+            (x, dy, dy),
+            Activation::None,
+            (gamma, mean, var),
+            (n, c, h * w),
+            self.eps,
+        );
+        let total = n * c * h * w;
         Ok((CpuStorage::F32(out), Shape::from(total + 2 * c)))
     }
 
@@ -517,6 +505,161 @@ impl CustomOp3 for BnTrainBwd {
         pl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::bn_train_bwd(xs, xl, gs, gl, ps, pl, self.eps)
+    }
+}
+
+/// The CPU backward of a training-mode BatchNorm, optionally followed by an activation: from
+/// the input `x`, the output gradient `dy` and (with `MASK`) the output `y`, whose activation
+/// mask gates `dy`, returns `[dx, dgamma, dbeta]` flat. Two passes: per-channel sums of the
+/// gated gradient and of its product with the centred input, then `dx`.
+fn bn_bwd_cpu<const MASK: bool>(
+    (x, dy, y): (&[f32], &[f32], &[f32]),
+    act: Activation,
+    (gamma, mean, var): (&[f32], &[f32], &[f32]),
+    (n, c, hw): (usize, usize, usize),
+    eps: f64,
+) -> Vec<f32> {
+    let m = (n * hw) as f64;
+    // The activation passes the gradient where `lo < y` and not `y >= hi` (a NaN `hi`: no
+    // upper bound): `Activation::passes` as two compares, which vectorize.
+    let (lo, hi) = match act {
+        Activation::None => (f32::NEG_INFINITY, f32::NAN),
+        Activation::Relu => (0.0, f32::NAN),
+        Activation::Relu6 => (0.0, 6.0),
+    };
+    // The gradient reaching the normalization.
+    #[inline(always)]
+    fn gate<const MASK: bool>(g: f32, y: f32, (lo, hi): (f32, f32)) -> f32 {
+        if !MASK || (y > lo && !(y >= hi)) {
+            g
+        } else {
+            0.0
+        }
+    }
+    let act = (lo, hi);
+    // Per channel: sum(dz) and sum(dz * xhat).
+    let sums: Vec<(f64, f64, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let inv = (1.0 / (var[ch] as f64 + eps).sqrt()) as f32;
+            let mu = mean[ch];
+            let (mut sd, mut sdx) = (0f64, 0f64);
+            for b in 0..n {
+                let off = (b * c + ch) * hw;
+                let (xp, gp, yp) = (&x[off..off + hw], &dy[off..off + hw], &y[off..off + hw]);
+                let (a, bb) = multiversion!(|| {
+                    let mut s1 = [0f32; 16];
+                    let mut s2 = [0f32; 16];
+                    let mut cx = xp.chunks_exact(16);
+                    let mut cg = gp.chunks_exact(16);
+                    let mut cy = yp.chunks_exact(16);
+                    for ((vx, vg), vy) in (&mut cx).zip(&mut cg).zip(&mut cy) {
+                        for j in 0..16 {
+                            let g = gate::<MASK>(vg[j], vy[j], act);
+                            s1[j] += g;
+                            s2[j] = g.mul_add(vx[j] - mu, s2[j]);
+                        }
+                    }
+                    let mut a: f64 = s1.iter().map(|&v| v as f64).sum();
+                    let mut bb: f64 = s2.iter().map(|&v| v as f64).sum();
+                    let rest = cx
+                        .remainder()
+                        .iter()
+                        .zip(cg.remainder())
+                        .zip(cy.remainder());
+                    for ((vx, vg), vy) in rest {
+                        let g = gate::<MASK>(*vg, *vy, act);
+                        a += g as f64;
+                        bb += (g * (vx - mu)) as f64;
+                    }
+                    (a, bb)
+                });
+                sd += a;
+                sdx += b_to(bb, inv);
+            }
+            (sd, sdx, inv)
+        })
+        .collect();
+    let total = n * c * hw;
+    let mut out: Vec<f32> = Vec::with_capacity(total + 2 * c);
+    let (dx, tail) = out.spare_capacity_mut().split_at_mut(total);
+    for (ch, (sd, sdx, _)) in sums.iter().enumerate() {
+        tail[ch].write(*sdx as f32);
+        tail[c + ch].write(*sd as f32);
+    }
+    dx.par_chunks_mut(hw.max(1))
+        .enumerate()
+        .for_each(|(plane, dxp)| {
+            let ch = plane % c;
+            let (sd, sdx, inv) = sums[ch];
+            let k = gamma[ch] * inv;
+            let mean_dy = (sd / m) as f32;
+            let mean_dyx = (sdx / m) as f32;
+            let mu = mean[ch];
+            let off = plane * hw;
+            let (xp, gp, yp) = (&x[off..off + hw], &dy[off..off + hw], &y[off..off + hw]);
+            multiversion!(|| {
+                for (((o, vx), vg), vy) in dxp.iter_mut().zip(xp).zip(gp).zip(yp) {
+                    let xhat = (vx - mu) * inv;
+                    o.write(k * (gate::<MASK>(*vg, *vy, act) - mean_dy - xhat * mean_dyx));
+                }
+            })
+        });
+    // SAFETY: every element of `dx` (one plane per task) and of the tail was written.
+    unsafe { out.set_len(total + 2 * c) };
+    out
+}
+
+/// The CPU backward of [`BnTrainCpu`] with an activation, on `(x, dy, y)`: the activation's
+/// mask (from the output `y`) gates `dy` inside the two passes of the normalization's
+/// backward, so no gated copy of the gradient is made. Output `[dx, dgamma, dbeta]` flat.
+struct BnActBwd {
+    eps: f64,
+    act: Activation,
+    gamma: Vec<f32>,
+    stats: Vec<(f32, f32)>,
+}
+
+impl CustomOp3 for BnActBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-act-train-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let x = f32_slice(self.name(), xs, xl)?;
+        let dy = f32_slice(self.name(), gs, gl)?;
+        let y = f32_slice(self.name(), ys, yl)?;
+        if dy.len() != x.len()
+            || y.len() != x.len()
+            || self.gamma.len() != c
+            || self.stats.len() != c
+        {
+            bail!(
+                "batch_norm backward: gradient {:?} / output {:?} / {} parameters for input {:?}",
+                gl.dims(),
+                yl.dims(),
+                self.gamma.len(),
+                xl.dims()
+            )
+        }
+        let (mean, var): (Vec<f32>, Vec<f32>) = self.stats.iter().copied().unzip();
+        let out = bn_bwd_cpu::<true>(
+            (x, dy, y),
+            self.act,
+            (&self.gamma, &mean, &var),
+            (n, c, h * w),
+            self.eps,
+        );
+        Ok((CpuStorage::F32(out), Shape::from(n * c * h * w + 2 * c)))
     }
 }
 
