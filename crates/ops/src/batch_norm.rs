@@ -529,6 +529,7 @@ fn bn_bwd_cpu<const MASK: bool>(
     };
     // The gradient reaching the normalization.
     #[inline(always)]
+    #[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(y >= NaN)` is the intended "no bound"
     fn gate<const MASK: bool>(g: f32, y: f32, (lo, hi): (f32, f32)) -> f32 {
         if !MASK || (y > lo && !(y >= hi)) {
             g
