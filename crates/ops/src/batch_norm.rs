@@ -97,6 +97,17 @@ impl candle_core::CustomOp1 for ActFwd {
     }
 }
 
+/// `grad * passes(y)` for an activation's output `y` (or, for ReLU, equally its input): the
+/// activation's backward as one pass over contiguous f32 CPU tensors.
+pub(crate) fn activation_grad(act: Activation, grad: &Tensor, y: &Tensor) -> Result<Tensor> {
+    match act {
+        Activation::None => Ok(grad.clone()),
+        act => grad
+            .contiguous()?
+            .apply_op2_no_bwd(&y.contiguous()?, &ActBwd { act }),
+    }
+}
+
 /// Gradient of an activation from its output: `grad * passes(y)`, one pass.
 struct ActBwd {
     act: Activation,

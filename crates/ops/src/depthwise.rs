@@ -551,54 +551,74 @@ impl CustomOp2 for DwFwd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (_, _, h, wd) = x.dims4()?;
-        let (_, _, kh, kw) = w.dims4()?;
-        let g = &self.geom;
-        let span = ((kh - 1) * g.dilation.0, (kw - 1) * g.dilation.1);
-        let p = &g.padding;
-        let dx = if g.stride == (1, 1)
-            && p.top <= span.0
-            && p.bottom <= span.0
-            && p.left <= span.1
-            && p.right <= span.1
-        {
-            // Stride 1: the input gradient is a depthwise convolution of the output gradient
-            // with the flipped kernel, which runs on the fused forward kernel.
-            let flip = |t: &Tensor, dim: usize, len: usize| -> Result<Tensor> {
-                let idx: Vec<u32> = (0..len as u32).rev().collect();
-                t.index_select(&Tensor::new(idx, t.device())?, dim)
-            };
-            let wf = flip(&flip(w, 2, kh)?, 3, kw)?.contiguous()?;
-            let geom = Conv2dGeometry {
-                stride: (1, 1),
-                dilation: g.dilation,
-                padding: Padding2d {
-                    top: span.0 - p.top,
-                    bottom: span.0 - p.bottom,
-                    left: span.1 - p.left,
-                    right: span.1 - p.right,
-                },
-            };
-            grad.apply_op2_no_bwd(&wf, &DwFwd { geom })?
-        } else {
-            grad.apply_op2_no_bwd(
-                &w.contiguous()?,
-                &DwBwdInput {
-                    geom: *g,
-                    input: (h, wd),
-                },
-            )?
-        };
-        let dw = grad.apply_op2_no_bwd(
-            &x.contiguous()?,
-            &DwBwdWeight {
-                geom: *g,
-                kernel: (kh, kw),
-            },
-        )?;
+        let (dx, dw) = depthwise_grads(x, w, grad, &self.geom, false)?;
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// The input and weight gradients of `depthwise_conv2d(input_relu ? relu(x) : x, w)` for the
+/// output gradient `grad`, on the CPU kernels: with `input_relu` the weight gradient reads
+/// `relu(x)` (clamped as the kernel copies its input) and the input gradient is masked by
+/// `x > 0` in one pass, so no `relu(x)` tensor is kept or rebuilt.
+fn depthwise_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    g: &Conv2dGeometry,
+    input_relu: bool,
+) -> Result<(Tensor, Tensor)> {
+    let grad = grad.contiguous()?;
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let span = ((kh - 1) * g.dilation.0, (kw - 1) * g.dilation.1);
+    let p = &g.padding;
+    let dx = if g.stride == (1, 1)
+        && p.top <= span.0
+        && p.bottom <= span.0
+        && p.left <= span.1
+        && p.right <= span.1
+    {
+        // Stride 1: the input gradient is a depthwise convolution of the output gradient
+        // with the flipped kernel, which runs on the fused forward kernel.
+        let flip = |t: &Tensor, dim: usize, len: usize| -> Result<Tensor> {
+            let idx: Vec<u32> = (0..len as u32).rev().collect();
+            t.index_select(&Tensor::new(idx, t.device())?, dim)
+        };
+        let wf = flip(&flip(w, 2, kh)?, 3, kw)?.contiguous()?;
+        let geom = Conv2dGeometry {
+            stride: (1, 1),
+            dilation: g.dilation,
+            padding: Padding2d {
+                top: span.0 - p.top,
+                bottom: span.0 - p.bottom,
+                left: span.1 - p.left,
+                right: span.1 - p.right,
+            },
+        };
+        grad.apply_op2_no_bwd(&wf, &DwFwd { geom })?
+    } else {
+        grad.apply_op2_no_bwd(
+            &w.contiguous()?,
+            &DwBwdInput {
+                geom: *g,
+                input: (h, wd),
+            },
+        )?
+    };
+    let dw = grad.apply_op2_no_bwd(
+        &x.contiguous()?,
+        &DwBwdWeight {
+            geom: *g,
+            kernel: (kh, kw),
+            input_relu,
+        },
+    )?;
+    let dx = if input_relu {
+        crate::batch_norm::activation_grad(Activation::Relu, &dx, x)?
+    } else {
+        dx
+    };
+    Ok((dx, dw))
 }
 
 /// Input gradient for strided convolutions, on `(grad_out, weight)`.
@@ -668,6 +688,8 @@ impl CustomOp2 for DwBwdInput {
 struct DwBwdWeight {
     geom: Conv2dGeometry,
     kernel: (usize, usize),
+    /// The forward read `relu(x)`: the input is clamped at zero as it is copied in.
+    input_relu: bool,
 }
 
 impl CustomOp2 for DwBwdWeight {
@@ -711,7 +733,7 @@ impl CustomOp2 for DwBwdWeight {
                         let src = &x[plane * h * w..(plane + 1) * h * w];
                         let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
                         multiversion!(|| {
-                            p.fill(src, &mut buf, false);
+                            p.fill(src, &mut buf, self.input_relu);
                             p.backward_weight(&buf, gp, &mut acc);
                         })
                     }
@@ -731,6 +753,9 @@ impl CustomOp2 for DwBwdWeight {
         xs: &candle_core::CudaStorage,
         xl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.input_relu {
+            bail!("depthwise_conv2d backward: the input-ReLU weight gradient is CPU-only")
+        }
         crate::cuda::depthwise_bwd_weight(gs, gl, xs, xl, &self.geom, self.kernel)
     }
 }
@@ -825,10 +850,22 @@ impl CustomOp3 for DwFused {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if x.device().is_cpu() && [x.dtype(), w.dtype(), grad.dtype()] == [DType::F32; 3] {
+            // One pass each: the activation's mask, the two depthwise gradients (the input
+            // ReLU applied inside them), and the bias sum when the bias is trained.
+            let g = crate::batch_norm::activation_grad(self.act, grad, res)?;
+            let (dx, dw) = depthwise_grads(x, w, &g, &self.geom, self.input_relu)?;
+            let db = if bias.track_op() {
+                Some(g.sum((0, 2, 3))?)
+            } else {
+                None
+            };
+            return Ok((Some(dx), Some(dw), db));
+        }
         let mask = |m: Tensor| m.to_dtype(grad.dtype());
         let grad = match self.act {
             Activation::None => grad.clone(),

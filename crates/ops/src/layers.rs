@@ -219,6 +219,38 @@ impl DepthwiseConv2d {
     }
 }
 
+impl DepthwiseConv2d {
+    /// `depthwise(relu(x))` (Xception's ReLU before a separable convolution) without a folded
+    /// BatchNorm: on f32 CPU tensors one fused op whose kernels apply the ReLU as they read
+    /// (no `relu(x)` tensor, one graph node); elsewhere the ReLU, then [`Module::forward`].
+    pub fn forward_relu_input(&self, x: &Tensor) -> Result<Tensor> {
+        if self.epilogue.is_some() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+            return self.forward(&Activation::Relu.apply(x)?);
+        }
+        crate::profile::record(
+            "depthwise",
+            || {
+                format!(
+                    "s{} d{} relu-in {}",
+                    self.geom.stride.0,
+                    self.geom.dilation.0,
+                    crate::profile::dims(x)
+                )
+            },
+            || {
+                crate::depthwise::depthwise_conv2d_fused(
+                    x,
+                    &self.weight,
+                    None,
+                    true,
+                    Activation::None,
+                    &self.geom,
+                )
+            },
+        )
+    }
+}
+
 impl Module for DepthwiseConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(e) = &self.epilogue {
@@ -325,12 +357,14 @@ impl SeparableConv2d {
     /// Output of the depthwise BatchNorm (after its activation, if any) and of the whole layer.
     /// Xception's decoder tap is the pointwise BN output of a specific layer.
     pub fn forward_parts(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
-        let x = match self.act {
+        let dw = match self.act {
             // once folded, the depthwise conv applies the input ReLU as it reads
-            SeparableActivation::Input if !self.bn_dw.is_folded() => Activation::Relu.apply(x)?,
-            _ => x.clone(),
+            SeparableActivation::Input if !self.bn_dw.is_folded() => {
+                self.conv_dw.forward_relu_input(x)?
+            }
+            _ => self.conv_dw.forward(x)?,
         };
-        let d = self.bn_dw.forward_t(&self.conv_dw.forward(&x)?, train)?;
+        let d = self.bn_dw.forward_t(&dw, train)?;
         let p = self.bn_pw.forward_t(&self.conv_pw.forward(&d)?, train)?;
         Ok((d, p))
     }
