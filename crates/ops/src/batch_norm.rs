@@ -263,22 +263,18 @@ impl CustomOp3 for BnTrainFwd {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = xl.shape().dims4()?;
-        let hw = h * w;
-        let x = f32_slice(self.name(), xs, xl)?;
-        let g = f32_slice(self.name(), ws, wl)?;
-        let b = f32_slice(self.name(), bs, bl)?;
-        let stats = channel_stats(x, n, c, hw);
-        let total = n * c * hw;
-        let mut out: Vec<f32> = Vec::with_capacity(total + 2 * c);
-        let (y, tail) = out.spare_capacity_mut().split_at_mut(total);
-        for (ch, (m, v)) in stats.iter().enumerate() {
-            tail[ch].write(*m);
-            tail[c + ch].write(*v);
-        }
-        normalize(x, y, &stats, (g, b), (c, hw), self.eps, Activation::None);
-        // SAFETY: `normalize` wrote every element of `y`, the loop the tail.
-        unsafe { out.set_len(total + 2 * c) };
+        let c = xl.shape().dims4()?.1;
+        let (mut out, stats) = bn_train_forward_cpu(
+            self.name(),
+            (xs, xl),
+            (ws, wl),
+            (bs, bl),
+            (self.eps, Activation::None),
+            2 * c,
+        )?;
+        let total = out.len();
+        out.extend(stats.iter().map(|s| s.0));
+        out.extend(stats.iter().map(|s| s.1));
         Ok((CpuStorage::F32(out), Shape::from(total + 2 * c)))
     }
 
@@ -371,29 +367,19 @@ impl CustomOp3 for BnTrainCpu {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = xl.shape().dims4()?;
-        let hw = h * w;
-        let x = f32_slice(self.name(), xs, xl)?;
-        let g = f32_slice(self.name(), ws, wl)?;
-        let b = f32_slice(self.name(), bs, bl)?;
-        let stats = channel_stats(x, n, c, hw);
-        let mut y: Vec<f32> = Vec::with_capacity(n * c * hw);
-        normalize(
-            x,
-            y.spare_capacity_mut(),
-            &stats,
-            (g, b),
-            (c, hw),
-            self.eps,
-            self.act,
-        );
-        // SAFETY: `normalize` wrote every element.
-        unsafe { y.set_len(n * c * hw) };
+        let (y, stats) = bn_train_forward_cpu(
+            self.name(),
+            (xs, xl),
+            (ws, wl),
+            (bs, bl),
+            (self.eps, self.act),
+            0,
+        )?;
         match self.stats.lock() {
             Ok(mut s) => *s = stats,
             Err(_) => bail!("batch_norm: statistics lock poisoned"),
         }
-        Ok((CpuStorage::F32(y), Shape::from((n, c, h, w))))
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
     fn bwd(
@@ -432,6 +418,41 @@ impl CustomOp3 for BnTrainCpu {
         let db = packed.narrow(0, total + c, c)?;
         Ok((Some(dx), Some(dg), Some(db)))
     }
+}
+
+/// Batch `(mean, biased variance)` per channel.
+type ChannelStats = Vec<(f32, f32)>;
+
+/// The CPU training forward of both BatchNorm ops on `(x, gamma, beta)` storages: returns
+/// `act(normalized x)` (with capacity for `spare` more values) and the batch `(mean, var)` per
+/// channel.
+fn bn_train_forward_cpu(
+    op: &str,
+    (xs, xl): (&CpuStorage, &Layout),
+    (ws, wl): (&CpuStorage, &Layout),
+    (bs, bl): (&CpuStorage, &Layout),
+    (eps, act): (f64, Activation),
+    spare: usize,
+) -> Result<(Vec<f32>, ChannelStats)> {
+    let (n, c, h, w) = xl.shape().dims4()?;
+    let hw = h * w;
+    let x = f32_slice(op, xs, xl)?;
+    let g = f32_slice(op, ws, wl)?;
+    let b = f32_slice(op, bs, bl)?;
+    if g.len() != c || b.len() != c {
+        bail!(
+            "{op}: weight {:?} / bias {:?} do not fit input {:?}",
+            wl.dims(),
+            bl.dims(),
+            xl.dims()
+        )
+    }
+    let stats = channel_stats(x, n, c, hw);
+    let mut y: Vec<f32> = Vec::with_capacity(n * c * hw + spare);
+    normalize(x, y.spare_capacity_mut(), &stats, (g, b), (c, hw), eps, act);
+    // SAFETY: `normalize` wrote the first `n * c * hw` elements.
+    unsafe { y.set_len(n * c * hw) };
+    Ok((y, stats))
 }
 
 /// `y = act((x - mean) / sqrt(var + eps) * gamma + beta)` per channel plane, in parallel;
