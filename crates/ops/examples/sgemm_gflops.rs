@@ -1,5 +1,5 @@
 //! GFLOP/s of [`deeplab_ops::sgemm`] against the `gemm` crate (candle's matmul kernel) on the
-//! convolution shapes of Xception-65 / ResNet-101 at output stride 16, `C[m x n] = A[m x k] ·
+//! convolution shapes of Xception-65 / ResNet-101 at output stride 16 and MobileNetV2 at 8, `C[m x n] = A[m x k] ·
 //! B[k x n]` with `m` output channels, `k` input channels (x taps) and `n` pixels, and on the
 //! backward products of the same convolutions: `dW = dY · colsᵀ` (`B` column-major, contracted
 //! over the pixels) and `dcols = Wᵀ · dY` (`A` column-major).
@@ -37,6 +37,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (256, 2304, 1089, false, false, "fwd"),
         (2048, 1536, 1089, false, false, "fwd"),
         (256, 256, 16641, false, false, "fwd"),
+        // MobileNetV2 at output stride 8 (65x65 maps): small expand / project depths.
+        (960, 160, 4225, false, false, "fwd"),
+        (160, 960, 4225, false, false, "fwd"),
+        (384, 64, 4225, false, false, "fwd"),
+        (64, 384, 4225, false, false, "fwd"),
         (728, 1089, 728, false, true, "dW"),
         (256, 1089, 2304, false, true, "dW"),
         (256, 16641, 256, false, true, "dW"),
