@@ -1164,7 +1164,8 @@ mod avx512 {
         match A {
             0 => v,
             1 => _mm512_max_ps(v, _mm512_setzero_ps()),
-            _ => _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(6.0)),
+            // NaN stays NaN (second operands), as `f32::clamp` keeps it.
+            _ => _mm512_min_ps(_mm512_set1_ps(6.0), _mm512_max_ps(_mm512_setzero_ps(), v)),
         }
     }
 

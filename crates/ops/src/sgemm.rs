@@ -657,7 +657,9 @@ mod avx512 {
             Activation::None => y,
             Activation::Relu => _mm512_max_ps(y, _mm512_setzero_ps()),
             Activation::Relu6 => {
-                _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), _mm512_set1_ps(6.0))
+                // Operand order: `max`/`min` return their second operand when either is NaN,
+                // so a NaN stays NaN, as `f32::clamp` keeps it.
+                _mm512_min_ps(_mm512_set1_ps(6.0), _mm512_max_ps(_mm512_setzero_ps(), y))
             }
         }
     }

@@ -1200,6 +1200,56 @@ fn sgemm_transposed_operands_and_accumulation() -> Result<()> {
     Ok(())
 }
 
+/// A NaN through the fused epilogues behaves as in the unfused ops: ReLU gives 0 (`f32::max`),
+/// ReLU6 and the identity keep it (`f32::clamp`), in the sgemm tile epilogue and in the
+/// depthwise kernel's.
+#[test]
+fn fused_epilogues_keep_nan_like_the_unfused_ops() -> Result<()> {
+    // Row 0 of A holds a NaN: the whole row 0 of the product is NaN.
+    let a = [f32::NAN, 1.0, 2.0, 1.0, -1.0, 0.5];
+    let b = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let (scale, shift) = ([1.0f32, 2.0], [0.5f32, -0.5]);
+    for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+        let mut c = [0f32; 4];
+        let epi = sgemm::RowEpilogue {
+            scale: &scale,
+            shift: &shift,
+            act,
+        };
+        sgemm::sgemm((2, 2, 3), (&a, 3), (&b, 2), (&mut c, 2), Some(epi), 1)?;
+        for &v in &c[..2] {
+            match act {
+                Activation::Relu => assert_eq!(v, 0.0, "{act:?} of NaN"),
+                _ => assert!(v.is_nan(), "{act:?} of NaN gave {v}"),
+            }
+        }
+    }
+    let dev = Device::Cpu;
+    let mut xv = vec![0.5f32; 2 * 9 * 9];
+    xv[40] = f32::NAN;
+    let x = Tensor::from_vec(xv, (1, 2, 9, 9), &dev)?;
+    let w = seeded_uniform(&[2, 1, 3, 3], 3, &dev)?;
+    let bias = Tensor::new(&[0.25f32, -0.25], &dev)?;
+    let g = Conv2dGeometry::same(3, 1);
+    for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+        let fused = depthwise_conv2d_fused(&x, &w, Some(&bias), false, act, &g)?;
+        let plain = depthwise_conv2d(&x, &w, &g)?.broadcast_add(&bias.reshape((1, 2, 1, 1))?)?;
+        let plain = act.apply(&plain)?;
+        let (f, p) = (
+            fused.flatten_all()?.to_vec1::<f32>()?,
+            plain.flatten_all()?.to_vec1::<f32>()?,
+        );
+        for (i, (f, p)) in f.iter().zip(&p).enumerate() {
+            assert!(
+                f.to_bits() == p.to_bits() || (f.is_nan() && p.is_nan()),
+                "{act:?} at {i}: fused {f} vs unfused {p}"
+            );
+        }
+        assert!(f.iter().any(|v| v.is_nan()) == (act != Activation::Relu));
+    }
+    Ok(())
+}
+
 /// Operands too small for the stated sizes and strides, or an epilogue with too few rows, are
 /// errors that name the sizes, not out-of-bounds accesses.
 #[test]
