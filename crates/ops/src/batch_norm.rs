@@ -51,6 +51,18 @@ impl Activation {
         }
     }
 
+    /// [`Activation::passes`] for ReLU and ReLU6 as bounds: the gradient passes where
+    /// `lo < y` and not `y >= hi` (a NaN `hi` is no upper bound). Two compares with no match
+    /// on the activation, so loops that gate by it vectorize.
+    #[inline(always)]
+    fn pass_bounds(self) -> (f32, f32) {
+        match self {
+            Activation::None => (f32::NEG_INFINITY, f32::NAN),
+            Activation::Relu => (0.0, f32::NAN),
+            Activation::Relu6 => (0.0, 6.0),
+        }
+    }
+
     #[inline(always)]
     fn scalar(self, v: f32) -> f32 {
         match self {
@@ -89,11 +101,7 @@ impl candle_core::CustomOp1 for ActFwd {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        Ok(Some(g.apply_op2_no_bwd(
-            &res.contiguous()?,
-            &ActBwd { act: self.act },
-        )?))
+        Ok(Some(activation_grad(self.act, grad, res)?))
     }
 }
 
@@ -333,22 +341,24 @@ fn bn_train_grads(
 struct BnTrainCpu {
     eps: f64,
     act: Activation,
-    stats: std::sync::Arc<std::sync::Mutex<Vec<(f32, f32)>>>,
+    stats: std::sync::Arc<std::sync::Mutex<ChannelStats>>,
+}
+
+/// The batch statistics a [`BnTrainCpu`] forward stored.
+fn stored_stats(stats: &std::sync::Mutex<ChannelStats>) -> Result<ChannelStats> {
+    match stats.lock() {
+        Ok(s) if !s.is_empty() => Ok(s.clone()),
+        Ok(_) => bail!("batch_norm: statistics read before the forward pass ran"),
+        Err(_) => bail!("batch_norm: statistics lock poisoned"),
+    }
 }
 
 /// The batch `(mean, var)` a [`BnTrainCpu`] forward stored, as one `[2 * C]` tensor.
 fn stored_mean_var(
-    stats: &std::sync::Mutex<Vec<(f32, f32)>>,
+    stats: &std::sync::Mutex<ChannelStats>,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    let stats = match stats.lock() {
-        Ok(s) => s.clone(),
-        Err(_) => bail!("batch_norm: statistics lock poisoned"),
-    };
-    if stats.is_empty() {
-        bail!("batch_norm: statistics read before the forward pass ran")
-    }
-    let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+    let (mean, var): (Vec<f32>, Vec<f32>) = stored_stats(stats)?.into_iter().unzip();
     let c = mean.len();
     Tensor::from_vec([mean, var].concat(), 2 * c, device)
 }
@@ -400,15 +410,11 @@ impl CustomOp3 for BnTrainCpu {
             );
         }
         // The activation's mask and the normalization's backward in one op.
-        let stats = match self.stats.lock() {
-            Ok(s) => s.clone(),
-            Err(_) => bail!("batch_norm: statistics lock poisoned"),
-        };
         let op = BnActBwd {
             eps: self.eps,
             act: self.act,
             gamma: w.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-            stats,
+            stats: stored_stats(&self.stats)?,
         };
         let (n, c, h, wd) = x.dims4()?;
         let total = n * c * h * wd;
@@ -552,13 +558,6 @@ fn bn_bwd_cpu<const MASK: bool>(
     eps: f64,
 ) -> Vec<f32> {
     let m = (n * hw) as f64;
-    // The activation passes the gradient where `lo < y` and not `y >= hi` (a NaN `hi`: no
-    // upper bound): `Activation::passes` as two compares, which vectorize.
-    let (lo, hi) = match act {
-        Activation::None => (f32::NEG_INFINITY, f32::NAN),
-        Activation::Relu => (0.0, f32::NAN),
-        Activation::Relu6 => (0.0, 6.0),
-    };
     // The gradient reaching the normalization.
     #[inline(always)]
     #[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(y >= NaN)` is the intended "no bound"
@@ -569,7 +568,7 @@ fn bn_bwd_cpu<const MASK: bool>(
             0.0
         }
     }
-    let act = (lo, hi);
+    let act = act.pass_bounds();
     // Per channel: sum(dz) and sum(dz * xhat).
     let sums: Vec<(f64, f64, f32)> = (0..c)
         .into_par_iter()

@@ -854,36 +854,18 @@ impl CustomOp3 for DwFused {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if x.device().is_cpu() && [x.dtype(), w.dtype(), grad.dtype()] == [DType::F32; 3] {
-            // One pass each: the activation's mask, the two depthwise gradients (the input
-            // ReLU applied inside them), and the bias sum when the bias is trained.
-            let g = crate::batch_norm::activation_grad(self.act, grad, res)?;
-            let (dx, dw) = depthwise_grads(x, w, &g, &self.geom, self.input_relu)?;
-            let db = if bias.track_op() {
-                Some(g.sum((0, 2, 3))?)
-            } else {
-                None
-            };
-            return Ok((Some(dx), Some(dw), db));
-        }
-        let mask = |m: Tensor| m.to_dtype(grad.dtype());
-        let grad = match self.act {
-            Activation::None => grad.clone(),
-            Activation::Relu => (grad * mask(res.gt(0f32)?)?)?,
-            Activation::Relu6 => ((grad * mask(res.gt(0f32)?)?)? * mask(res.lt(6f32)?)?)?,
-        };
-        let xr = if self.input_relu {
-            x.relu()?
+        // The op only runs on f32 CPU tensors (`depthwise_conv2d_fused` converts other dtypes
+        // and composes candle ops on other devices). One pass each: the activation's mask, the
+        // two depthwise gradients (the input ReLU applied inside them), and the bias sum when
+        // the bias is trained.
+        let g = crate::batch_norm::activation_grad(self.act, grad, res)?;
+        let (dx, dw) = depthwise_grads(x, w, &g, &self.geom, self.input_relu)?;
+        let db = if bias.track_op() {
+            Some(g.sum((0, 2, 3))?)
         } else {
-            x.clone()
+            None
         };
-        let (dx, dw) = DwFwd { geom: self.geom }.bwd(&xr, w, res, &grad)?;
-        let dx = match dx {
-            Some(d) if self.input_relu => Some((d * mask(x.gt(0f32)?)?)?),
-            d => d,
-        };
-        let db = grad.sum((0, 2, 3))?;
-        Ok((dx, dw, Some(db)))
+        Ok((Some(dx), Some(dw), db))
     }
 }
 
