@@ -28,8 +28,8 @@ use crate::{Backbone, FeatureInfo, OutputStride};
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use deeplab_ops::{
-    conv2d, depthwise_conv2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dGeometry,
-    DepthwiseConv2d, Epilogue, FoldBatchNorm, MacCounter,
+    conv2d, conv_bn_add, depthwise_conv2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d,
+    Conv2dGeometry, DepthwiseConv2d, Epilogue, FoldBatchNorm, MacCounter,
 };
 use serde::{Deserialize, Serialize};
 
@@ -368,15 +368,21 @@ impl Block {
         match self {
             Block::Ds(b) => {
                 let d = b.bn1.forward_t(&b.conv_dw.forward(x)?, train)?;
-                let y = b.bn2.forward_t(&b.conv_pw.forward(&d)?, train)?;
-                let y = if b.skip { (y + x)? } else { y };
+                let y = if b.skip {
+                    conv_bn_add(&b.conv_pw, &b.bn2, &d, x, Activation::None, train)?
+                } else {
+                    b.bn2.forward_t(&b.conv_pw.forward(&d)?, train)?
+                };
                 Ok((y, d))
             }
             Block::Ir(b) => {
                 let e = b.bn1.forward_t(&b.conv_pw.forward(x)?, train)?;
                 let d = b.bn2.forward_t(&b.conv_dw.forward(&e)?, train)?;
-                let y = b.bn3.forward_t(&b.conv_pwl.forward(&d)?, train)?;
-                let y = if b.skip { (y + x)? } else { y };
+                let y = if b.skip {
+                    conv_bn_add(&b.conv_pwl, &b.bn3, &d, x, Activation::None, train)?
+                } else {
+                    b.bn3.forward_t(&b.conv_pwl.forward(&d)?, train)?
+                };
                 Ok((y, d))
             }
         }

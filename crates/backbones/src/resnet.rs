@@ -44,8 +44,8 @@ use crate::{Backbone, FeatureInfo, OutputStride};
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use deeplab_ops::{
-    max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dGeometry, FoldBatchNorm,
-    MacCounter, Padding2d,
+    conv_bn_add, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dGeometry,
+    FoldBatchNorm, MacCounter, Padding2d,
 };
 use serde::{Deserialize, Serialize};
 
@@ -181,11 +181,12 @@ struct Bottleneck {
 }
 
 impl Bottleneck {
-    /// Output and the residual branch before the add (conv3's BN output).
-    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+    /// Output and, with `keep_pre`, the residual branch before the add (conv3's BN output);
+    /// without it, in inference with the BatchNorms folded, the add and the ReLU run in
+    /// conv3's epilogue.
+    fn forward(&self, x: &Tensor, train: bool, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
         let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
-        let pre = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
         let sc = match &self.shortcut {
             Shortcut::Identity => x.clone(),
             Shortcut::Conv(c, b) => b.forward_t(&c.forward(x)?, train)?,
@@ -198,8 +199,13 @@ impl Bottleneck {
                 max_pool2d(x, (1, 1), &g)?
             }
         };
-        let out = Activation::Relu.apply(&(&pre + sc)?)?;
-        Ok((out, pre))
+        if keep_pre {
+            let pre = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
+            let out = Activation::Relu.apply(&(&pre + sc)?)?;
+            return Ok((out, Some(pre)));
+        }
+        let out = conv_bn_add(&self.conv3, &self.bn3, &y, &sc, Activation::Relu, train)?;
+        Ok((out, None))
     }
 
     fn fold_batch_norm(&mut self) -> Result<()> {
@@ -500,9 +506,13 @@ impl Backbone for ResNet {
         let mut low = None;
         for (l, layer) in self.layers.iter().enumerate() {
             for (u, b) in layer.iter().enumerate() {
-                let (y, pre) = b.forward(&x, train)?;
-                if (l, u) == (self.tap.0, self.tap.1) {
-                    low = Some(if self.tap.2 { pre } else { y.clone() });
+                let at_tap = (l, u) == (self.tap.0, self.tap.1);
+                let (y, pre) = b.forward(&x, train, at_tap && self.tap.2)?;
+                if at_tap {
+                    low = Some(match pre {
+                        Some(pre) => pre,
+                        None => y.clone(),
+                    });
                 }
                 x = y;
             }

@@ -263,11 +263,13 @@ impl Unit {
     fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let a = self.convs[0].forward_t(x, train)?;
         let b = self.convs[1].forward_t(&a, train)?;
-        let c = self.convs[2].forward_t(&b, train)?;
+        // The shortcut is added in the last pointwise convolution's epilogue when folded.
         let y = match (self.skip, &self.shortcut) {
-            (XceptionSkip::Conv, Some(s)) => (c + s.forward_t(x, train)?)?,
-            (XceptionSkip::Sum, _) => (c + x)?,
-            (XceptionSkip::None, _) => c,
+            (XceptionSkip::Conv, Some(s)) => {
+                self.convs[2].forward_add(&b, &s.forward_t(x, train)?, train)?
+            }
+            (XceptionSkip::Sum, _) => self.convs[2].forward_add(&b, x, train)?,
+            (XceptionSkip::None, _) => self.convs[2].forward_t(&b, train)?,
             (XceptionSkip::Conv, None) => bail!("xception unit: 'conv' shortcut missing"),
         };
         Ok((y, b))

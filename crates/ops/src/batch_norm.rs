@@ -63,8 +63,9 @@ impl Activation {
         }
     }
 
+    /// The activation of one value.
     #[inline(always)]
-    fn scalar(self, v: f32) -> f32 {
+    pub(crate) fn scalar(self, v: f32) -> f32 {
         match self {
             Activation::None => v,
             Activation::Relu => v.max(0.0),
@@ -1034,6 +1035,46 @@ impl Epilogue {
                     crate::conv::conv_gemm_epilogue(x, w, geom, st, self.act)
                 }
             },
+        )
+    }
+
+    /// `act(self(conv2d(x, w)) + residual)` for a convolution with one group and a `residual`
+    /// shaped like its output: when this epilogue has no activation of its own and the
+    /// tensors are f32 on the CPU, the add and `act` run at the product's tile stores (no pass
+    /// over the output, no temporaries); otherwise [`Epilogue::conv2d`], an add and `act`.
+    /// Both agree bit for bit.
+    pub fn conv2d_add(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        geom: &crate::Conv2dGeometry,
+        residual: &Tensor,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let fused = self.fused_f32(x, w).filter(|_| {
+            self.act == Activation::None
+                && residual.device().is_cpu()
+                && residual.dtype() == DType::F32
+        });
+        let Some(st) = fused else {
+            return act.apply(&(self.conv2d(x, w, geom)? + residual)?);
+        };
+        let (cout, _, kh, kw) = w.dims4()?;
+        crate::profile::record(
+            if kh * kw == 1 {
+                "conv 1x1 + epilogue + add"
+            } else {
+                "conv kxk + epilogue + add"
+            },
+            || {
+                format!(
+                    "{kh}x{kw} s{} d{} {} -> {cout}",
+                    geom.stride.0,
+                    geom.dilation.0,
+                    crate::profile::dims(x)
+                )
+            },
+            || crate::conv::conv_residual_epilogue(x, w, geom, st, act, residual),
         )
     }
 }

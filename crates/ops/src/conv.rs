@@ -23,7 +23,7 @@ use crate::cpu::{f32_slice, threads};
 use crate::geometry::Conv2dGeometry;
 use crate::im2col::{col2im, fill_rows, im2col, Patches};
 use crate::sgemm::{sgemm_raw, sgemm_raw_ex, RawOperand, RowEpilogue};
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::cell::Cell;
 
 /// The largest patch-matrix chunk the forward pass builds at once, in f32 elements (16 MiB):
@@ -39,7 +39,7 @@ thread_local! {
 }
 
 /// Convolution of `(x, w)` with one group as im2col + gemm; with `epi`, a folded BatchNorm
-/// `act(y * scale + shift)` applied to each chunk right after its gemm (inference only).
+/// `act(y * scale + shift)` applied at each tile store (inference only).
 struct ConvGemm {
     geom: Conv2dGeometry,
     epi: Option<(Vec<f32>, Vec<f32>, crate::Activation)>,
@@ -57,68 +57,21 @@ impl CustomOp2 for ConvGemm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, cin, h, wd) = xl.shape().dims4()?;
-        let (cout, cin_w, kh, kw) = wl.shape().dims4()?;
-        if cin_w != cin {
-            bail!(
-                "conv2d: weight {:?} does not fit input {:?}",
-                wl.dims(),
-                xl.dims()
-            )
-        }
         let x = f32_slice(self.name(), xs, xl)?;
         let k = f32_slice(self.name(), ws, wl)?;
-        let p = Patches::new((h, wd), (kh, kw), &self.geom)?;
-        let (kk, l, hw) = (cin * p.taps(), p.ho * p.wo, h * wd);
-        let total = n * cout * l;
-        if total == 0 || kk == 0 {
-            let out = vec![0f32; total];
-            return Ok((CpuStorage::F32(out), Shape::from((n, cout, p.ho, p.wo))));
-        }
-        // Every element is written by exactly one chunk's product: no zero fill.
-        let mut out: Vec<f32> = Vec::with_capacity(total);
-        // Even chunks of whole output rows, each at most CHUNK_ELEMS (or one row) of columns.
-        let chunks = (kk * l).div_ceil(CHUNK_ELEMS).clamp(1, p.ho);
-        let rows = p.ho.div_ceil(chunks);
-        let mut buf = SCRATCH.take();
-        let need = kk * rows * p.wo;
-        if buf.len() < need {
-            buf = vec![0f32; need];
-        }
-        for b in 0..n {
-            let xb = &x[b * cin * hw..(b + 1) * cin * hw];
-            let ob = out.as_mut_ptr().wrapping_add(b * cout * l);
-            for oy0 in (0..p.ho).step_by(rows) {
-                let oy1 = (oy0 + rows).min(p.ho);
-                let len = (oy1 - oy0) * p.wo;
-                let cols = &mut buf[..kk * len];
-                fill_rows(xb, &p, oy0, oy1, cols);
-                let dst = ob.wrapping_add(oy0 * p.wo);
-                let epi = self.epi.as_ref().map(|(scale, shift, act)| RowEpilogue {
-                    scale,
-                    shift,
-                    act: *act,
-                });
-                // SAFETY: lhs is the `cout x kk` row-major weight matrix (`k.len() == cout *
-                // kk`), rhs the `kk x len` row-major chunk just filled, and dst addresses rows
-                // `r * l + [0, len)` for r < cout from image `b`'s output offset `oy0 * wo`,
-                // inside `out`'s capacity since `oy0 * wo + len <= l`.
-                unsafe {
-                    sgemm_raw(
-                        (cout, len, kk),
-                        (k.as_ptr(), kk),
-                        (cols.as_ptr(), len),
-                        (dst, l),
-                        epi,
-                        threads(),
-                    )
-                }
-            }
-        }
-        SCRATCH.set(buf);
-        // SAFETY: the chunks' products wrote all `total` elements.
-        unsafe { out.set_len(total) };
-        Ok((CpuStorage::F32(out), Shape::from((n, cout, p.ho, p.wo))))
+        let epi = self
+            .epi
+            .as_ref()
+            .map(|(s, t, a)| (s.as_slice(), t.as_slice(), *a));
+        let (out, shape) = forward_f32(
+            (x, xl.shape()),
+            (k, wl.shape()),
+            &self.geom,
+            epi,
+            None,
+            false,
+        )?;
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -140,6 +93,169 @@ impl CustomOp2 for ConvGemm {
             |x| im2col(x, (kh, kw), &self.geom),
             |dcols| col2im(dcols, (h, wd), (kh, kw), &self.geom),
         )
+    }
+}
+
+/// The f32 CPU forward of a one-group convolution into a fresh NCHW buffer (returned with its
+/// shape): with `pointwise` (a 1x1 stride-1 unpadded kernel) one product per image straight
+/// from the input, otherwise im2col chunks of whole output rows, each multiplied into place.
+/// `epi` (per-channel scale, shift, activation) and `residual` (a tensor shaped like the output,
+/// added before the activation; needs `epi`) are applied at each tile store.
+pub(crate) fn forward_f32(
+    (x, xs): (&[f32], &Shape),
+    (k, ws): (&[f32], &Shape),
+    geom: &Conv2dGeometry,
+    epi: Option<(&[f32], &[f32], crate::Activation)>,
+    residual: Option<(&[f32], &Shape)>,
+    pointwise: bool,
+) -> Result<(Vec<f32>, Shape)> {
+    let (n, cin, h, wd) = xs.dims4()?;
+    let (cout, cin_w, kh, kw) = ws.dims4()?;
+    if cin_w != cin {
+        bail!(
+            "conv2d: weight {:?} does not fit input {:?}",
+            ws.dims(),
+            xs.dims()
+        )
+    }
+    if epi.is_some_and(|(s, t, _)| s.len() != cout || t.len() != cout) {
+        bail!(
+            "conv2d: epilogue of {:?} channels does not fit weight {:?}",
+            epi.map(|(s, _, _)| s.len()),
+            ws.dims()
+        )
+    }
+    let p = Patches::new((h, wd), (kh, kw), geom)?;
+    let shape = Shape::from((n, cout, p.ho, p.wo));
+    if let Some((_, rs)) = residual {
+        if rs != &shape || epi.is_none() {
+            bail!(
+                "conv2d: residual {:?} does not match the output {:?} (or no epilogue to add it in)",
+                rs.dims(),
+                shape.dims()
+            )
+        }
+    }
+    let (kk, l, hw) = (cin * p.taps(), p.ho * p.wo, h * wd);
+    let total = n * cout * l;
+    if total == 0 || kk == 0 {
+        let mut out = vec![0f32; total];
+        if let (Some((s, t, act)), false) = (epi, out.is_empty()) {
+            let r = residual.map(|(r, _)| r);
+            for (i, o) in out.chunks_mut(l).enumerate() {
+                let c = i % cout;
+                for (j, o) in o.iter_mut().enumerate() {
+                    let v = o.mul_add(s[c], t[c]) + r.map_or(0.0, |r| r[i * l + j]);
+                    *o = act.scalar(v);
+                }
+            }
+        }
+        return Ok((out, shape));
+    }
+    // Every element is written by exactly one product: no zero fill.
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    // The epilogue of the output rows `[oy0, ..)` of image `b`.
+    let epi_at = |b: usize, oy0: usize| {
+        epi.map(|(scale, shift, act)| RowEpilogue {
+            scale,
+            shift,
+            act,
+            residual: residual.map(|(r, _)| &r[b * cout * l + oy0 * p.wo..]),
+        })
+    };
+    if pointwise {
+        for b in 0..n {
+            // SAFETY: `k` is the `cout x cin` row-major weight matrix, image `b` of `x` the
+            // `cin x hw` row-major input, and image `b`'s `cout x hw` rows of `out` lie inside
+            // its capacity; the residual slice covers image `b`'s `cout x hw` values.
+            unsafe {
+                sgemm_raw(
+                    (cout, hw, cin),
+                    (k.as_ptr(), cin),
+                    (x.as_ptr().add(b * cin * hw), hw),
+                    (out.as_mut_ptr().add(b * cout * hw), hw),
+                    epi_at(b, 0),
+                    threads(),
+                )
+            }
+        }
+    } else {
+        // Even chunks of whole output rows, each at most CHUNK_ELEMS (or one row) of columns.
+        let chunks = (kk * l).div_ceil(CHUNK_ELEMS).clamp(1, p.ho);
+        let rows = p.ho.div_ceil(chunks);
+        let mut buf = SCRATCH.take();
+        let need = kk * rows * p.wo;
+        if buf.len() < need {
+            buf = vec![0f32; need];
+        }
+        for b in 0..n {
+            let xb = &x[b * cin * hw..(b + 1) * cin * hw];
+            let ob = out.as_mut_ptr().wrapping_add(b * cout * l);
+            for oy0 in (0..p.ho).step_by(rows) {
+                let oy1 = (oy0 + rows).min(p.ho);
+                let len = (oy1 - oy0) * p.wo;
+                let cols = &mut buf[..kk * len];
+                fill_rows(xb, &p, oy0, oy1, cols);
+                let dst = ob.wrapping_add(oy0 * p.wo);
+                // SAFETY: lhs is the `cout x kk` row-major weight matrix (`k.len() == cout *
+                // kk`), rhs the `kk x len` row-major chunk just filled, and dst addresses rows
+                // `r * l + [0, len)` for r < cout from image `b`'s output offset `oy0 * wo`,
+                // inside `out`'s capacity since `oy0 * wo + len <= l`; the residual slice
+                // starts at the same offset of the same-shaped residual.
+                unsafe {
+                    sgemm_raw(
+                        (cout, len, kk),
+                        (k.as_ptr(), kk),
+                        (cols.as_ptr(), len),
+                        (dst, l),
+                        epi_at(b, oy0),
+                        threads(),
+                    )
+                }
+            }
+        }
+        SCRATCH.set(buf);
+    }
+    // SAFETY: the products wrote all `total` elements.
+    unsafe { out.set_len(total) };
+    Ok((out, shape))
+}
+
+/// `act(conv2d(x, w) * scale + shift + residual)` (inference only): the folded convolution
+/// whose tile stores also add a residual branch and apply the activation.
+struct ConvResidual {
+    geom: Conv2dGeometry,
+    epi: (Vec<f32>, Vec<f32>, crate::Activation),
+}
+
+impl CustomOp3 for ConvResidual {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(self.name(), xs, xl)?;
+        let k = f32_slice(self.name(), ws, wl)?;
+        let r = f32_slice(self.name(), rs, rl)?;
+        let (_, _, kh, kw) = wl.shape().dims4()?;
+        let (s, t, act) = &self.epi;
+        let (out, shape) = forward_f32(
+            (x, xl.shape()),
+            (k, wl.shape()),
+            &self.geom,
+            Some((s, t, *act)),
+            Some((r, rl.shape())),
+            kh == 1 && kw == 1 && self.geom.stride == (1, 1) && self.geom.padding.is_zero(),
+        )?;
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -315,6 +431,25 @@ pub(crate) fn conv_gemm_epilogue(
         epi: Some((scale.to_vec(), shift.to_vec(), act)),
     };
     x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
+}
+
+/// `act(conv2d(x, w) * scale + shift + residual)` for an f32 CPU convolution with one group,
+/// `residual` shaped like the output, in one pass over the output (inference only; the same
+/// bits as the folded convolution without activation, an add and the activation).
+pub(crate) fn conv_residual_epilogue(
+    x: &Tensor,
+    w: &Tensor,
+    geom: &Conv2dGeometry,
+    (scale, shift): (&[f32], &[f32]),
+    act: crate::Activation,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let op = ConvResidual {
+        geom: *geom,
+        epi: (scale.to_vec(), shift.to_vec(), act),
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &residual.contiguous()?, &op)
 }
 
 /// [`ConvGemm`] on f32, or through f32 for f16 and bf16.

@@ -124,6 +124,19 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `act(self.forward(x) + residual)`, a residual block's last convolution, add and
+    /// activation: with a folded BatchNorm that has no activation of its own (and f32 CPU
+    /// tensors, one group) the add and `act` happen in the product's epilogue, otherwise as
+    /// separate ops. The two agree bit for bit.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, act: Activation) -> Result<Tensor> {
+        match &self.epilogue {
+            Some(e) if self.groups == 1 => e.conv2d_add(x, &self.weight, &self.geom, residual, act),
+            _ => act.apply(&(self.forward(x)? + residual)?),
+        }
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.epilogue {
@@ -157,6 +170,24 @@ impl Module for Conv2d {
                 }
             }
         }
+    }
+}
+
+/// `act(bn(conv(x)) + residual)`, the tail of a residual block: in inference with `bn`
+/// folded into `conv` the add and the activation run in the convolution's epilogue
+/// ([`Conv2d::forward_add`]), otherwise as separate ops; the two agree bit for bit.
+pub fn conv_bn_add(
+    conv: &Conv2d,
+    bn: &BatchNorm2d,
+    x: &Tensor,
+    residual: &Tensor,
+    act: Activation,
+    train: bool,
+) -> Result<Tensor> {
+    if bn.is_folded() && !train {
+        conv.forward_add(x, residual, act)
+    } else {
+        act.apply(&(bn.forward_t(&conv.forward(x)?, train)? + residual)?)
     }
 }
 
@@ -357,6 +388,28 @@ impl SeparableConv2d {
     /// Output of the depthwise BatchNorm (after its activation, if any) and of the whole layer.
     /// Xception's decoder tap is the pointwise BN output of a specific layer.
     pub fn forward_parts(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let d = self.depthwise_part(x, train)?;
+        let p = self.bn_pw.forward_t(&self.conv_pw.forward(&d)?, train)?;
+        Ok((d, p))
+    }
+
+    /// `self(x) + residual` (an Xception unit's tail): in inference with the BatchNorms folded
+    /// (and no activation after the pointwise one) the add runs in the pointwise
+    /// convolution's epilogue, with the same bits as the separate add.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        let d = self.depthwise_part(x, train)?;
+        conv_bn_add(
+            &self.conv_pw,
+            &self.bn_pw,
+            &d,
+            residual,
+            Activation::None,
+            train,
+        )
+    }
+
+    /// The depthwise convolution and its BatchNorm (and activation).
+    fn depthwise_part(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dw = match self.act {
             // once folded, the depthwise conv applies the input ReLU as it reads
             SeparableActivation::Input if !self.bn_dw.is_folded() => {
@@ -364,9 +417,7 @@ impl SeparableConv2d {
             }
             _ => self.conv_dw.forward(x)?,
         };
-        let d = self.bn_dw.forward_t(&dw, train)?;
-        let p = self.bn_pw.forward_t(&self.conv_pw.forward(&d)?, train)?;
-        Ok((d, p))
+        self.bn_dw.forward_t(&dw, train)
     }
 
     /// Counts this layer's multiply-adds for an `input` map; returns the output size.

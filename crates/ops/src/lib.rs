@@ -55,8 +55,8 @@ pub use depthwise::{depthwise_conv2d, depthwise_conv2d_fused};
 pub use geometry::{scale_dimension, Conv2dGeometry, Padding2d};
 pub use im2col::{col2im, im2col};
 pub use layers::{
-    Conv2d, ConvBnAct, DepthwiseConv2d, FoldBatchNorm, SeparableActivation, SeparableConv2d,
-    SeparableConv2dConfig,
+    conv_bn_add, Conv2d, ConvBnAct, DepthwiseConv2d, FoldBatchNorm, SeparableActivation,
+    SeparableConv2d, SeparableConv2dConfig,
 };
 pub use loss::cross_entropy;
 pub use macs::MacCounter;

@@ -7,8 +7,7 @@
 //! backward pass (two candle matmuls of the gradient); the folded one is inference-only.
 
 use crate::batch_norm::Activation;
-use crate::cpu::{f32_slice, threads};
-use crate::sgemm::{sgemm_raw, RowEpilogue};
+use crate::cpu::f32_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 struct Pointwise {
@@ -27,51 +26,25 @@ impl CustomOp2 for Pointwise {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, cin, h, w) = xl.shape().dims4()?;
-        let (cout, cin_w, kh, kw) = wl.shape().dims4()?;
-        if cin_w != cin
-            || kh != 1
-            || kw != 1
-            || self
-                .epi
-                .as_ref()
-                .is_some_and(|(s, t, _)| s.len() != cout || t.len() != cout)
-        {
-            bail!(
-                "pointwise conv: weight {:?} / epilogue of {:?} channels do not fit input {:?}",
-                wl.dims(),
-                self.epi.as_ref().map(|(s, _, _)| s.len()),
-                xl.dims()
-            )
+        let (_, _, kh, kw) = wl.shape().dims4()?;
+        if kh != 1 || kw != 1 {
+            bail!("pointwise conv: weight {:?} is not 1x1", wl.dims())
         }
         let x = f32_slice(self.name(), xs, xl)?;
         let k = f32_slice(self.name(), ws, wl)?;
-        let hw = h * w;
-        let len = n * cout * hw;
-        let mut out: Vec<f32> = Vec::with_capacity(len);
-        let epi = self.epi.as_ref().map(|(scale, shift, act)| RowEpilogue {
-            scale,
-            shift,
-            act: *act,
-        });
-        for b in 0..n {
-            // SAFETY: `k` is the `cout x cin` row-major weight matrix, `x`'s image `b` the
-            // `cin x hw` row-major input, and image `b`'s `cout x hw` rows of `out` lie inside
-            // its capacity `len`; sgemm writes every one of them, reading none.
-            unsafe {
-                sgemm_raw(
-                    (cout, hw, cin),
-                    (k.as_ptr(), cin),
-                    (x.as_ptr().add(b * cin * hw), hw),
-                    (out.as_mut_ptr().add(b * cout * hw), hw),
-                    epi,
-                    threads(),
-                )
-            }
-        }
-        // SAFETY: the products above wrote all `len` elements.
-        unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), Shape::from((n, cout, h, w))))
+        let epi = self
+            .epi
+            .as_ref()
+            .map(|(s, t, a)| (s.as_slice(), t.as_slice(), *a));
+        let (out, shape) = crate::conv::forward_f32(
+            (x, xl.shape()),
+            (k, wl.shape()),
+            &crate::Conv2dGeometry::default(),
+            epi,
+            None,
+            true,
+        )?;
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(

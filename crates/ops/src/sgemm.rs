@@ -1,5 +1,6 @@
 //! Single-precision matrix product `C = A · B` with an AVX-512 microkernel and an optional
-//! per-row epilogue `act(c * scale[row] + shift[row])` applied while each tile is in registers.
+//! per-row epilogue `act(c * scale[row] + shift[row] (+ residual))` applied while each tile is
+//! in registers.
 //!
 //! `C` is row-major with a row stride and may be a strided view (only its `m x n` elements are
 //! written; none is read unless the product accumulates into it, `C += A · B`). `A` and `B` are
@@ -38,17 +39,33 @@ pub const KC_MAX: usize = 512;
 /// 960 KiB) stays in a Zen 5 core's 1 MiB L2 (5 panels measured no faster).
 pub const NC_PANELS: usize = 10;
 
-/// The per-output-row epilogue `act(c * scale[row] + shift[row])` (a folded BatchNorm and its
-/// activation), computed as `c.mul_add(scale, shift)` then ReLU / ReLU6 like
-/// [`crate::channel_affine`].
+/// The per-output-row epilogue `act(c * scale[row] + shift[row] + residual)` (a folded
+/// BatchNorm, optionally a residual branch, and the activation), computed as
+/// `c.mul_add(scale, shift)`, plus the residual element, then ReLU / ReLU6: the same bits as
+/// [`crate::channel_affine`] without activation, an add and the activation as separate passes.
 #[derive(Clone, Copy, Debug)]
 pub struct RowEpilogue<'a> {
     /// Multiplier per row of `C` (at least `m` values).
     pub scale: &'a [f32],
     /// Offset per row of `C` (at least `m` values).
     pub shift: &'a [f32],
-    /// Activation applied after the affine map.
+    /// Activation applied last.
     pub act: Activation,
+    /// A matrix added after the affine map, laid out like `C` (element `(i, j)` at
+    /// `i * ldc + j`, so at least `(m - 1) * ldc + n` elements): a residual branch.
+    pub residual: Option<&'a [f32]>,
+}
+
+impl<'a> RowEpilogue<'a> {
+    /// `act(c * scale[row] + shift[row])`.
+    pub fn affine(scale: &'a [f32], shift: &'a [f32], act: Activation) -> Self {
+        Self {
+            scale,
+            shift,
+            act,
+            residual: None,
+        }
+    }
 }
 
 /// A matrix operand of [`sgemm_ex`]: `data` holds the matrix with leading dimension `ld`,
@@ -234,6 +251,14 @@ pub fn sgemm_ex(
                 e.shift.len()
             )
         }
+        if let Some(r) = e.residual {
+            if m > 0 && n > 0 && r.len() < (m - 1) * ldc + n {
+                bail!(
+                    "sgemm: residual of {} elements does not fit {m}x{n} with row stride {ldc}",
+                    r.len()
+                )
+            }
+        }
     }
     // SAFETY: the checks above bound every element the product reads and writes.
     unsafe {
@@ -255,7 +280,8 @@ pub fn sgemm_ex(
 /// # Safety
 /// `a` must be readable at `i * lda + p` for `i < m`, `p < k`; `b` at `p * ldb + j` for
 /// `p < k`, `j < n`; `c` writable at `i * ldc + j` for `i < m`, `j < n`, and no other thread may
-/// access those elements of `c` during the call; `epi` must hold at least `m` scales and shifts.
+/// access those elements of `c` during the call; `epi` must hold at least `m` scales and shifts
+/// and its residual, if any, `(m - 1) * ldc + n` elements.
 pub(crate) unsafe fn sgemm_raw(
     dims: (usize, usize, usize),
     (a, lda): (*const f32, usize),
@@ -284,7 +310,8 @@ pub(crate) unsafe fn sgemm_raw(
 /// `a` must be readable at every element `(i, p)`, `i < m`, `p < k`, its layout addresses, `b`
 /// at every `(p, j)`, `p < k`, `j < n`; `c` writable (and, with `accumulate`, readable and
 /// initialized) at `i * ldc + j` for `i < m`, `j < n`, and no other thread may access those
-/// elements of `c` during the call; `epi` must hold at least `m` scales and shifts.
+/// elements of `c` during the call; `epi` must hold at least `m` scales and shifts and its
+/// residual, if any, `(m - 1) * ldc + n` elements.
 pub(crate) unsafe fn sgemm_raw_ex(
     (m, n, k): (usize, usize, usize),
     a: RawOperand,
@@ -305,7 +332,7 @@ pub(crate) unsafe fn sgemm_raw_ex(
                 row.fill(0.0);
             }
             if let Some(e) = &epi {
-                apply_row(row, e.scale[i], e.shift[i], e.act);
+                apply_row(row, e, i, ldc);
             }
         }
         return;
@@ -357,19 +384,28 @@ pub(crate) unsafe fn sgemm_raw_ex(
         for i in 0..m {
             // SAFETY: row `i` of `C`, written by the gemm above.
             let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
-            apply_row(row, e.scale[i], e.shift[i], e.act);
+            apply_row(row, e, i, ldc);
         }
     }
 }
 
-/// `row = act(row * s + t)`, vectorized for the CPU at hand.
-fn apply_row(row: &mut [f32], s: f32, t: f32, act: Activation) {
-    multiversion!(|| match act {
-        Activation::None => row.iter_mut().for_each(|v| *v = v.mul_add(s, t)),
-        Activation::Relu => row.iter_mut().for_each(|v| *v = v.mul_add(s, t).max(0.0)),
-        Activation::Relu6 => row
+/// Row `i` of `C` through the epilogue: `row = act(row * s + t (+ residual row))`, vectorized
+/// for the CPU at hand.
+fn apply_row(row: &mut [f32], e: &RowEpilogue<'_>, i: usize, ldc: usize) {
+    let (s, t, act) = (e.scale[i], e.shift[i], e.act);
+    let res = e.residual.map(|r| &r[i * ldc..i * ldc + row.len()]);
+    multiversion!(|| match res {
+        None => match act {
+            Activation::None => row.iter_mut().for_each(|v| *v = v.mul_add(s, t)),
+            Activation::Relu => row.iter_mut().for_each(|v| *v = v.mul_add(s, t).max(0.0)),
+            Activation::Relu6 => row
+                .iter_mut()
+                .for_each(|v| *v = v.mul_add(s, t).clamp(0.0, 6.0)),
+        },
+        Some(r) => row
             .iter_mut()
-            .for_each(|v| *v = v.mul_add(s, t).clamp(0.0, 6.0)),
+            .zip(r)
+            .for_each(|(v, r)| *v = act.scalar(v.mul_add(s, t) + r)),
     });
 }
 
@@ -457,7 +493,12 @@ unsafe fn blocked(
                     avx512::prefetch_a(a, i + MR, p0, rn, kc);
                 }
                 let e = match (&epi, last) {
-                    (Some(e), true) => Some((&e.scale[i..i + r], &e.shift[i..i + r], e.act)),
+                    (Some(e), true) => Some(avx512::TileEpilogue {
+                        scale: &e.scale[i..i + r],
+                        shift: &e.shift[i..i + r],
+                        act: e.act,
+                        residual: e.residual.map(|res| res.as_ptr().wrapping_add(i * ldc)),
+                    }),
                     _ => None,
                 };
                 for q in 0..np {
@@ -481,7 +522,7 @@ unsafe fn blocked(
                             ldc,
                             NR.min(j1 - jj),
                             first,
-                            e,
+                            e.map(|e| e.at_column(jj)),
                         )
                     }
                 }
@@ -648,11 +689,35 @@ mod avx512 {
         }
     }
 
-    /// `act(v * s + t)` on a vector.
+    /// A tile's epilogue: the scales and shifts of its rows, the activation, and the address of
+    /// the residual element of its first row and column (row stride `ldc`, like `C`).
+    #[derive(Clone, Copy)]
+    pub(super) struct TileEpilogue<'a> {
+        pub scale: &'a [f32],
+        pub shift: &'a [f32],
+        pub act: Activation,
+        pub residual: Option<*const f32>,
+    }
+
+    impl TileEpilogue<'_> {
+        /// The epilogue of the tile `jj` columns to the right.
+        pub fn at_column(self, jj: usize) -> Self {
+            Self {
+                residual: self.residual.map(|r| r.wrapping_add(jj)),
+                ..self
+            }
+        }
+    }
+
+    /// `act(v * s + t (+ r))` on a vector.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn finish(v: __m512, s: f32, t: f32, act: Activation) -> __m512 {
+    fn finish(v: __m512, s: f32, t: f32, r: Option<__m512>, act: Activation) -> __m512 {
         let y = _mm512_fmadd_ps(v, _mm512_set1_ps(s), _mm512_set1_ps(t));
+        let y = match r {
+            Some(r) => _mm512_add_ps(y, r),
+            None => y,
+        };
         match act {
             Activation::None => y,
             Activation::Relu => _mm512_max_ps(y, _mm512_setzero_ps()),
@@ -674,13 +739,13 @@ mod avx512 {
             /// One `rows x cols` tile (`rows <= MR`, `cols <= NR`) of `C`: zero (`first`) or the
             /// partial sums in `C`, plus `A[rows x kc] · Bpanel[kc x NR]` as in-order FMA
             /// chains, stored back, through `epi` (scale and shift of the tile's rows,
-            /// activation) when given; `a` is the tile's first element of `A`.
+            /// residual, activation) when given; `a` is the tile's first element of `A`.
             ///
             /// # Safety
             /// `a` readable at every element `(i, p)`, `i < rows`, `p < kc`, of its layout; `b`
             /// at `p * NR + j` for `p < kc`, `j < NR`; `c` readable (unless `first`) and
-            /// writable at `i * ldc + j` for `i < rows`, `j < cols`; `1 <= rows <= MR`,
-            /// `1 <= cols <= NR`; AVX-512F.
+            /// writable at `i * ldc + j` for `i < rows`, `j < cols`, and so the residual of
+            /// `epi`, if any, readable; `1 <= rows <= MR`, `1 <= cols <= NR`; AVX-512F.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = "avx512f")]
             pub(super) unsafe fn $name(
@@ -693,7 +758,7 @@ mod avx512 {
                 ldc: usize,
                 cols: usize,
                 first: bool,
-                epi: Option<(&[f32], &[f32], Activation)>,
+                epi: Option<TileEpilogue<'_>>,
             ) {
                 let masks: [__mmask16; NV] =
                     std::array::from_fn(|v| lanes(cols.saturating_sub(16 * v)));
@@ -734,7 +799,13 @@ mod avx512 {
                     if i < rows {
                         for (v, &x) in acc.iter().enumerate() {
                             let y = match epi {
-                                Some((s, t, act)) => finish(x, s[i], t[i], act),
+                                Some(e) => {
+                                    // SAFETY: masked to the tile's columns of row `i`.
+                                    let r = e.residual.map(|r| unsafe {
+                                        _mm512_maskz_loadu_ps(masks[v], r.add(i * ldc + 16 * v))
+                                    });
+                                    finish(x, e.scale[i], e.shift[i], r, e.act)
+                                }
                                 None => x,
                             };
                             // SAFETY: masked to the tile's columns of row `i`.

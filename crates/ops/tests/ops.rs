@@ -917,6 +917,56 @@ fn folded_layers_are_bit_identical() -> Result<()> {
     Ok(())
 }
 
+/// A residual block's last convolution with its BatchNorm folded, the residual add and the
+/// activation in the product's epilogue (`Conv2d::forward_add`) give the same bits as the
+/// unfolded convolution, BatchNorm, add and activation, for 1x1 and k x k (strided, dilated)
+/// convolutions; a residual of another shape is an error naming both shapes.
+#[test]
+fn residual_epilogue_is_bit_identical() -> Result<()> {
+    let x = (seeded_uniform(&[2, 8, 17, 23], 13, &Device::Cpu)? * 3.0)?;
+    for (i, (k, geom)) in [
+        (1, Conv2dGeometry::default()),
+        (3, Conv2dGeometry::same(3, 1)),
+        (3, Conv2dGeometry::deeplab(3, 2, 1)),
+        (3, Conv2dGeometry::same(3, 6)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut shapes = vec![("conv.weight".to_string(), vec![12, 8, k, k])];
+        shapes.extend(bn_shapes("bn", 12));
+        let shapes: Vec<(&str, Vec<usize>)> = shapes
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.clone()))
+            .collect();
+        let vb = random_builder(&shapes, 40 + 10 * i as u64)?;
+        let mut conv = Conv2d::new(8, 12, k, geom, false, vb.pp("conv"))?;
+        let mut bn = BatchNorm2d::new(12, BatchNormConfig::tf_backbone(), vb.pp("bn"))?;
+        let plain = bn.forward_t(&conv.forward(&x)?, false)?;
+        let res = seeded_uniform(plain.dims(), 77 + i as u64, &Device::Cpu)?;
+        let unfused: Vec<Tensor> = [Activation::None, Activation::Relu, Activation::Relu6]
+            .into_iter()
+            .map(|act| act.apply(&(&plain + &res)?))
+            .collect::<Result<_>>()?;
+        conv.fold_bn(&mut bn)?;
+        for (act, want) in [Activation::None, Activation::Relu, Activation::Relu6]
+            .into_iter()
+            .zip(&unfused)
+        {
+            let got = conv.forward_add(&x, &res, act)?;
+            assert_eq!(
+                bits(&got)?,
+                bits(want)?,
+                "conv {k}x{k} {geom:?} + residual, {act:?}"
+            );
+        }
+        let wrong = res.narrow(3, 1, res.dim(3)? - 1)?;
+        let e = conv.forward_add(&x, &wrong, Activation::Relu).unwrap_err();
+        assert!(e.to_string().contains("residual"), "{e}");
+    }
+    Ok(())
+}
+
 /// Seeded values in [-1, 1).
 fn random_vec(len: usize, seed: u64) -> Vec<f32> {
     use rand::{Rng, SeedableRng};
@@ -996,11 +1046,7 @@ fn sgemm_matches_f64_reference() -> Result<()> {
                 let scale = random_vec(m, seed + 7);
                 let shift = random_vec(m, seed + 8);
                 for act in [Activation::None, Activation::Relu, Activation::Relu6] {
-                    let epi = sgemm::RowEpilogue {
-                        scale: &scale,
-                        shift: &shift,
-                        act,
-                    };
+                    let epi = sgemm::RowEpilogue::affine(&scale, &shift, act);
                     let ce = case.run(Some(epi), 2)?;
                     let want: Vec<u32> = c
                         .iter()
@@ -1021,6 +1067,31 @@ fn sgemm_matches_f64_reference() -> Result<()> {
                         .collect();
                     let got: Vec<u32> = ce.iter().map(|v| v.to_bits()).collect();
                     assert!(got == want, "{m}x{n}x{k} epilogue {act:?}");
+                    // With a residual (laid out like C): act(v * s + t + r), the same bits as
+                    // the three separate steps.
+                    let res = random_vec(m * ldc, seed + 9);
+                    let epi = sgemm::RowEpilogue {
+                        residual: Some(&res[..(m - 1) * ldc + n]),
+                        ..epi
+                    };
+                    let cr = case.run(Some(epi), 2)?;
+                    for (idx, (&got, &v)) in cr.iter().zip(&c).enumerate() {
+                        let (i, j) = (idx / ldc, idx % ldc);
+                        let want = if j >= n {
+                            v
+                        } else {
+                            let y = v.mul_add(scale[i], shift[i]) + res[idx];
+                            match act {
+                                Activation::None => y,
+                                Activation::Relu => y.max(0.0),
+                                Activation::Relu6 => y.clamp(0.0, 6.0),
+                            }
+                        };
+                        assert!(
+                            got.to_bits() == want.to_bits(),
+                            "{m}x{n}x{k} residual epilogue {act:?} at ({i}, {j}): {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -1041,18 +1112,24 @@ fn sgemm_threads_are_bit_identical() -> Result<()> {
         let case = GemmCase::new(m, n, k, 900 + m as u64);
         let scale = random_vec(m, 1);
         let shift = random_vec(m, 2);
-        let epi = sgemm::RowEpilogue {
-            scale: &scale,
-            shift: &shift,
-            act: Activation::Relu,
+        let epi = sgemm::RowEpilogue::affine(&scale, &shift, Activation::Relu);
+        let res = random_vec(m * (n + 5), 3);
+        let epi_res = sgemm::RowEpilogue {
+            residual: Some(&res),
+            ..epi
         };
         let one = case.run(None, 1)?;
         let one_epi = case.run(Some(epi), 1)?;
+        let one_res = case.run(Some(epi_res), 1)?;
         for t in [2, 3, 8] {
             assert!(case.run(None, t)? == one, "{m}x{n}x{k} on {t} threads");
             assert!(
                 case.run(Some(epi), t)? == one_epi,
                 "{m}x{n}x{k} with epilogue on {t} threads"
+            );
+            assert!(
+                case.run(Some(epi_res), t)? == one_res,
+                "{m}x{n}x{k} with residual epilogue on {t} threads"
             );
         }
     }
@@ -1211,11 +1288,7 @@ fn fused_epilogues_keep_nan_like_the_unfused_ops() -> Result<()> {
     let (scale, shift) = ([1.0f32, 2.0], [0.5f32, -0.5]);
     for act in [Activation::None, Activation::Relu, Activation::Relu6] {
         let mut c = [0f32; 4];
-        let epi = sgemm::RowEpilogue {
-            scale: &scale,
-            shift: &shift,
-            act,
-        };
+        let epi = sgemm::RowEpilogue::affine(&scale, &shift, act);
         sgemm::sgemm((2, 2, 3), (&a, 3), (&b, 2), (&mut c, 2), Some(epi), 1)?;
         for &v in &c[..2] {
             match act {
@@ -1261,22 +1334,22 @@ fn sgemm_rejects_short_buffers() {
     assert!(sgemm::sgemm((3, 3, 4), (&a, 3), (&b, 3), (&mut c, 3), None, 1).is_err());
     assert!(sgemm::sgemm((3, 3, 3), (&a, 4), (&b, 3), (&mut c, 4), None, 1).is_err());
     let s = [1.0f32; 2];
-    let epi = sgemm::RowEpilogue {
-        scale: &s,
-        shift: &s,
-        act: Activation::None,
-    };
+    let epi = sgemm::RowEpilogue::affine(&s, &s, Activation::None);
     let e = sgemm::sgemm((3, 3, 3), (&a, 4), (&b, 3), (&mut c, 3), Some(epi), 1).unwrap_err();
     assert!(e.to_string().contains("2 scales"), "{e}");
+    let s = [1.0f32; 3];
+    let short = [0.0f32; 8];
+    let epi = sgemm::RowEpilogue {
+        residual: Some(&short),
+        ..sgemm::RowEpilogue::affine(&s, &s, Activation::None)
+    };
+    let e = sgemm::sgemm((3, 3, 3), (&a, 4), (&b, 3), (&mut c, 3), Some(epi), 1).unwrap_err();
+    assert!(e.to_string().contains("residual of 8"), "{e}");
     // k = 0: the product is zero, and the epilogue still applies.
     let mut z = vec![9.0f32; 6];
     let s = [2.0f32, 3.0];
     let t = [-1.0f32, 0.5];
-    let epi = sgemm::RowEpilogue {
-        scale: &s,
-        shift: &t,
-        act: Activation::Relu,
-    };
+    let epi = sgemm::RowEpilogue::affine(&s, &t, Activation::Relu);
     sgemm::sgemm((2, 3, 0), (&[], 0), (&[], 3), (&mut z, 3), Some(epi), 1).unwrap();
     assert_eq!(z, [0.0, 0.0, 0.0, 0.5, 0.5, 0.5]);
 }
