@@ -163,7 +163,16 @@ pub(crate) fn forward_f32(
             residual: residual.map(|(r, _)| &r[b * cout * l + oy0 * p.wo..]),
         })
     };
-    if pointwise {
+    if !pointwise && p.padding_share() > REGIONS_MIN_PADDING {
+        forward_regions(
+            (x, (n, cin)),
+            (k, cout),
+            &p,
+            epi,
+            residual.map(|(r, _)| r),
+            &mut out,
+        );
+    } else if pointwise {
         for b in 0..n {
             // SAFETY: `k` is the `cout x cin` row-major weight matrix, image `b` of `x` the
             // `cin x hw` row-major input, and image `b`'s `cout x hw` rows of `out` lie inside
@@ -219,6 +228,138 @@ pub(crate) fn forward_f32(
     // SAFETY: the products wrote all `total` elements.
     unsafe { out.set_len(total) };
     Ok((out, shape))
+}
+
+/// The share of a convolution's taps that fall in the zero padding above which
+/// [`forward_regions`] skips them (ResNet's ASPP at 33x33: rate 6 23%, 12 43%, 18 60%; a 3x3
+/// rate-1 convolution of a 33x33 map: 6%).
+const REGIONS_MIN_PADDING: f64 = 0.15;
+
+/// A convolution whose taps often fall in the zero padding (large atrous rates on small maps)
+/// without multiplying those zeros: the output is split into rectangles inside which the same
+/// taps read inside the input ([`Patches::segments`] of each axis), and each rectangle is one
+/// product (one per kernel row when only some kernel columns are valid) of the tap-major
+/// weights `[Cout, kh, kw, Cin]` restricted to its taps and the patch matrix of just those
+/// taps. The rectangle's result goes through the epilogue into `out` (NCHW, written entirely).
+fn forward_regions(
+    (x, (n, cin)): (&[f32], (usize, usize)),
+    (k, cout): (&[f32], usize),
+    p: &Patches,
+    epi: Option<(&[f32], &[f32], crate::Activation)>,
+    residual: Option<&[f32]>,
+    out: &mut Vec<f32>,
+) {
+    use rayon::prelude::*;
+    let (taps, hw, l) = (p.taps(), p.h * p.w, p.ho * p.wo);
+    // Tap-major weights: row `o` holds `[ky][kx][cin]`.
+    let mut wt = vec![0f32; cout * taps * cin];
+    wt.par_chunks_mut(taps * cin)
+        .zip(k.par_chunks(cin * taps))
+        .for_each(|(dst, src)| {
+            for (c, s) in src.chunks_exact(taps).enumerate() {
+                for (t, &v) in s.iter().enumerate() {
+                    dst[t * cin + c] = v;
+                }
+            }
+        });
+    let (ys, xs) = (p.segments(true), p.segments(false));
+    let mut buf = SCRATCH.take();
+    let mut tmp: Vec<f32> = Vec::new();
+    let out_ptr = Ptr(out.as_mut_ptr());
+    for b in 0..n {
+        let xb = &x[b * cin * hw..(b + 1) * cin * hw];
+        for &(y0, y1, ky0, ky1) in &ys {
+            for &(x0, x1, kx0, kx1) in &xs {
+                let (ntx, nty, nx) = (kx1 - kx0, ky1 - ky0, x1 - x0);
+                let kr = nty * ntx * cin;
+                // Row chunks of the rectangle whose patch matrix fits CHUNK_ELEMS.
+                let rows = (CHUNK_ELEMS / (kr * nx).max(1)).max(1);
+                for r0 in (y0..y1).step_by(rows) {
+                    let r1 = (r0 + rows).min(y1);
+                    let npx = (r1 - r0) * nx;
+                    if buf.len() < kr * npx {
+                        buf = vec![0f32; kr * npx];
+                    }
+                    let cols = &mut buf[..kr * npx];
+                    // Row `(ty, tx, c)` of the patch matrix: tap `(ky0 + ty, kx0 + tx)` of
+                    // plane `c`.
+                    cols.par_chunks_mut(npx)
+                        .enumerate()
+                        .with_min_len(4096usize.div_ceil(npx))
+                        .for_each(|(i, row)| {
+                            let (t, c) = (i / cin, i % cin);
+                            let tap = (ky0 + t / ntx, kx0 + t % ntx);
+                            let src = &xb[c * hw..(c + 1) * hw];
+                            p.fill_rect(src, tap, (r0, r1), (x0, x1), row);
+                        });
+                    tmp.clear();
+                    tmp.reserve(cout * npx);
+                    // Whole kernel rows are contiguous in the tap-major weights: one product;
+                    // otherwise one per kernel row, accumulated.
+                    let parts = if ntx == p.kw { 1 } else { nty };
+                    let kp = kr / parts.max(1);
+                    for part in 0..parts.max(1) {
+                        let a0 = ((ky0 + part) * p.kw + kx0) * cin;
+                        // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`,
+                        // columns from the part's first tap), `B` the part's `kp` rows of the
+                        // `kr x npx` patch matrix, `C` the `cout x npx` `tmp` (capacity
+                        // reserved; written by the first part, accumulated by the others).
+                        unsafe {
+                            sgemm_raw_ex(
+                                (cout, npx, kp),
+                                RawOperand::rows(wt.as_ptr().wrapping_add(a0), taps * cin),
+                                RawOperand::rows(cols.as_ptr().wrapping_add(part * kp * npx), npx),
+                                (tmp.as_mut_ptr(), npx),
+                                part > 0,
+                                None,
+                                threads(),
+                            )
+                        }
+                    }
+                    // SAFETY: the first product wrote all `cout * npx` values.
+                    unsafe { tmp.set_len(cout * npx) };
+                    let tmp = &tmp;
+                    (0..cout).into_par_iter().for_each(|o| {
+                        let base = b * cout * l + o * l;
+                        for (yy, src) in tmp[o * npx..(o + 1) * npx].chunks_exact(nx).enumerate() {
+                            let at = base + (r0 + yy) * p.wo + x0;
+                            // SAFETY: `[at, at + nx)` is row `r0 + yy`, columns `[x0, x1)` of
+                            // channel `o` of image `b`: inside `out`'s capacity and written by
+                            // this task alone (rectangles and channels do not overlap).
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(out_ptr.get().add(at), nx)
+                            };
+                            match epi {
+                                Some((s, t, act)) => {
+                                    let r = residual.map(|r| &r[at..at + nx]);
+                                    for (j, (d, &v)) in dst.iter_mut().zip(src).enumerate() {
+                                        let y = v.mul_add(s[o], t[o]);
+                                        *d = act.scalar(r.map_or(y, |r| y + r[j]));
+                                    }
+                                }
+                                None => dst.copy_from_slice(src),
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+    SCRATCH.set(buf);
+}
+
+/// An output pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+// SAFETY: only used for the disjoint writes of `forward_regions`' tasks.
+unsafe impl Send for Ptr {}
+// SAFETY: as above.
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// `act(conv2d(x, w) * scale + shift + residual)` (inference only): the folded convolution

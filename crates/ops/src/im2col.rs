@@ -111,6 +111,83 @@ impl Patches {
         }
     }
 
+    /// The share of all `ho * wo * kh * kw` tap reads that fall in the zero padding.
+    pub fn padding_share(&self) -> f64 {
+        let valid = |segs: Vec<(usize, usize, usize, usize)>| -> usize {
+            segs.iter()
+                .map(|&(o0, o1, k0, k1)| (o1 - o0) * (k1 - k0))
+                .sum()
+        };
+        let all = self.ho * self.wo * self.taps();
+        if all == 0 {
+            return 0.0;
+        }
+        let inside = valid(self.segments(true)) * valid(self.segments(false));
+        1.0 - inside as f64 / all as f64
+    }
+
+    /// The output positions along one axis (`vertical` or horizontal) split into segments
+    /// `(o0, o1, k0, k1)`: every output in `[o0, o1)` reads inside the input exactly for the
+    /// taps `[k0, k1)` of that axis (a contiguous range, possibly empty), the others falling
+    /// in the padding.
+    pub fn segments(&self, vertical: bool) -> Vec<(usize, usize, usize, usize)> {
+        let (k, s, d, p, input, out) = if vertical {
+            (self.kh, self.sy, self.dy, self.pt, self.h, self.ho)
+        } else {
+            (self.kw, self.sx, self.dx, self.pl, self.w, self.wo)
+        };
+        let ranges: Vec<(usize, usize)> = (0..k)
+            .map(|t| valid_range(t, s, d, p, input, out))
+            .collect();
+        let mut cuts: Vec<usize> = ranges.iter().flat_map(|&(lo, hi)| [lo, hi]).collect();
+        cuts.extend([0, out]);
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts.windows(2)
+            .map(|w| {
+                let (o0, o1) = (w[0], w[1]);
+                // A tap's valid outputs form one range, and the taps valid at a given output
+                // form one range too (the input coordinate grows with the tap index).
+                let valid = |&(lo, hi): &(usize, usize)| lo <= o0 && o1 <= hi;
+                match ranges.iter().position(valid) {
+                    Some(k0) => {
+                        let k1 = k0 + ranges[k0..].iter().take_while(|r| valid(r)).count();
+                        (o0, o1, k0, k1)
+                    }
+                    None => (o0, o1, 0, 0),
+                }
+            })
+            .collect()
+    }
+
+    /// Writes the values tap `(ky, kx)` reads from input plane `src` for the output rectangle
+    /// `[y0, y1) x [x0, x1)` into `dst` (row-major, `(y1 - y0) * (x1 - x0)`), every read
+    /// inside the input (the rectangle lies in one segment of each axis with that tap valid).
+    #[inline(always)]
+    pub fn fill_rect(
+        &self,
+        src: &[f32],
+        (ky, kx): (usize, usize),
+        (y0, y1): (usize, usize),
+        (x0, x1): (usize, usize),
+        dst: &mut [f32],
+    ) {
+        let (w, sx, n) = (self.w, self.sx, x1 - x0);
+        let ix0 = x0 * sx + kx * self.dx - self.pl;
+        for (oy, d) in (y0..y1).zip(dst.chunks_exact_mut(n)) {
+            let iy = oy * self.sy + ky * self.dy - self.pt;
+            let srow = &src[iy * w..(iy + 1) * w];
+            if sx == 1 {
+                d.copy_from_slice(&srow[ix0..ix0 + n]);
+            } else {
+                let s = &srow[ix0..ix0 + (n - 1) * sx + 1];
+                for (dv, sv) in d.iter_mut().zip(s.iter().step_by(sx)) {
+                    *dv = *sv;
+                }
+            }
+        }
+    }
+
     /// The adjoint of [`Patches::fill_tap`] over all output rows and taps, for input rows
     /// `[iy0, iy0 + band.len() / w)` of one plane: adds what the `kh * kw` patch rows `cols`
     /// (`kh * kw` rows of `ho * wo`) read from those input rows into `band`.
@@ -344,6 +421,31 @@ pub fn col2im(
 mod tests {
     use super::*;
     use crate::geometry::Padding2d;
+
+    #[test]
+    fn segments_and_padding_share() -> Result<()> {
+        // ResNet's rate-18 ASPP branch on a 33x33 map: rows 0-14 read taps 1-2, rows 15-17
+        // only the centre, rows 18-32 taps 0-1; 60% of all tap reads are padding.
+        let p = Patches::new((33, 33), (3, 3), &Conv2dGeometry::same(3, 18))?;
+        let want = vec![(0, 15, 1, 3), (15, 18, 1, 2), (18, 33, 0, 2)];
+        assert_eq!(p.segments(true), want);
+        assert_eq!(p.segments(false), want);
+        let inside = (15 * 2 + 3 + 15 * 2) as f64 / (33.0 * 3.0);
+        assert!((p.padding_share() - (1.0 - inside * inside)).abs() < 1e-12);
+        // A rate beyond the map: every output reads only the centre tap.
+        let p = Patches::new((9, 7), (3, 3), &Conv2dGeometry::same(3, 12))?;
+        assert_eq!(p.segments(true), vec![(0, 9, 1, 2)]);
+        assert_eq!(p.segments(false), vec![(0, 7, 1, 2)]);
+        assert!((p.padding_share() - 8.0 / 9.0).abs() < 1e-12);
+        // Stride 2 with TF fixed padding (1 before and after) on 6 rows: output 0 reads the
+        // padding with tap 0, outputs 1 and 2 read inside with every tap.
+        let p = Patches::new((6, 6), (3, 3), &Conv2dGeometry::deeplab(3, 2, 1))?;
+        assert_eq!(p.segments(true), vec![(0, 1, 1, 3), (1, 3, 0, 3)]);
+        // Without padding nothing is skipped.
+        let p = Patches::new((8, 8), (3, 3), &Conv2dGeometry::default())?;
+        assert_eq!(p.padding_share(), 0.0);
+        Ok(())
+    }
 
     #[test]
     fn valid_ranges() {

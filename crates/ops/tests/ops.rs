@@ -735,6 +735,14 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
             ((2, 4, 18, 23), 3, 4, 2, 1, true),
             // More patch-matrix elements than one chunk: several gemms per image.
             ((2, 32, 65, 65), 4, 7, 1, 1, false),
+            // Padding-heavy atrous convolutions run by output rectangles that skip the taps
+            // in the padding (`padding_share` > 0.15): a rate beyond the map (centre tap
+            // only), strided with fixed padding, 5x5, and a rectangle whose patch matrix is
+            // split into row chunks.
+            ((2, 8, 9, 7), 3, 3, 1, 12, false),
+            ((1, 6, 33, 31), 5, 3, 2, 6, true),
+            ((1, 4, 12, 10), 3, 5, 1, 3, false),
+            ((1, 1100, 33, 33), 4, 3, 1, 6, false),
         ];
         for &((n, c, h, w), cout, k, s, r, fixed) in cases {
             let geom = if fixed {
