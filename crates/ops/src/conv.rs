@@ -163,7 +163,23 @@ pub(crate) fn forward_f32(
             residual: residual.map(|(r, _)| &r[b * cout * l + oy0 * p.wo..]),
         })
     };
-    if !pointwise && p.padding_share() > REGIONS_MIN_PADDING {
+    if !pointwise && crate::winograd::eligible(&p, cin, cout) {
+        for b in 0..n {
+            // SAFETY: image `b`'s `cout * l` outputs lie inside `out`'s capacity, and the
+            // residual (same shape as the output) holds image `b`'s values at the same offset.
+            unsafe {
+                crate::winograd::forward(
+                    &x[b * cin * hw..(b + 1) * cin * hw],
+                    (cin, cout),
+                    k,
+                    &p,
+                    epi,
+                    residual.map(|(r, _)| &r[b * cout * l..(b + 1) * cout * l]),
+                    out.as_mut_ptr().add(b * cout * l),
+                )
+            }
+        }
+    } else if !pointwise && p.padding_share() > REGIONS_MIN_PADDING {
         forward_regions(
             (x, (n, cin)),
             (k, cout),

@@ -67,6 +67,21 @@ impl Patches {
         })
     }
 
+    /// Vertical and horizontal stride.
+    pub fn strides(&self) -> (usize, usize) {
+        (self.sy, self.sx)
+    }
+
+    /// Vertical and horizontal dilation.
+    pub fn dilations(&self) -> (usize, usize) {
+        (self.dy, self.dx)
+    }
+
+    /// Zero rows above and columns left of the input.
+    pub fn pad_top_left(&self) -> (usize, usize) {
+        (self.pt, self.pl)
+    }
+
     /// Rows per input channel (`kh * kw`).
     pub fn taps(&self) -> usize {
         self.kh * self.kw

@@ -45,6 +45,7 @@ pub mod profile;
 pub mod reference;
 mod resize;
 pub mod sgemm;
+mod winograd;
 
 pub use batch_norm::{
     batch_norm_train, batch_norm_train_act, channel_affine, Activation, BatchNorm2d,

@@ -743,6 +743,11 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
             ((1, 6, 33, 31), 5, 3, 2, 6, true),
             ((1, 4, 12, 10), 3, 5, 1, 3, false),
             ((1, 1100, 33, 33), 4, 3, 1, 6, false),
+            // 3x3 stride 1 with at least 32 channels on both sides: Winograd F(2x2, 3x3), odd
+            // and even sizes, several tile-row blocks.
+            ((2, 32, 17, 23), 40, 3, 1, 1, false),
+            ((1, 33, 8, 9), 32, 3, 1, 1, false),
+            ((1, 64, 65, 66), 48, 3, 1, 1, false),
         ];
         for &((n, c, h, w), cout, k, s, r, fixed) in cases {
             let geom = if fixed {
@@ -770,6 +775,24 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
                 assert_close(&ours, &theirs, 1e-5, &format!("{what} vs candle"))?;
             }
         }
+        // Winograd with asymmetric padding (none above, two rows below; two columns left).
+        let geom = Conv2dGeometry {
+            padding: Padding2d {
+                top: 0,
+                bottom: 2,
+                left: 2,
+                right: 0,
+            },
+            ..Conv2dGeometry::default()
+        };
+        let x = seeded_uniform(&[1, 32, 11, 14], 36, &dev)?;
+        let wt = (seeded_uniform(&[32, 32, 3, 3], 37, &dev)? * 0.5)?;
+        compare_op(
+            &[x, wt],
+            &|t| conv2d(&t[0], &t[1], None, &geom, 1),
+            &|t| reference::conv2d(&t[0], &t[1], None, &geom),
+            "winograd conv2d with asymmetric padding",
+        )?;
         // An input that needs no gradient (the stem's image) gets none computed; the weight
         // gradient is still right.
         let x = seeded_uniform(&[2, 3, 17, 23], 34, &dev)?;
