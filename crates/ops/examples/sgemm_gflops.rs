@@ -42,6 +42,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (160, 960, 4225, false, false, "fwd"),
         (384, 64, 4225, false, false, "fwd"),
         (64, 384, 4225, false, false, "fwd"),
+        // ResNet-101's rate-6 ASPP branch by rectangles (all nine taps of 2048 channels for
+        // the 21x21 centre, in two row chunks) and one Winograd product of a layer3 3x3 conv
+        // (256 channels, 17x17 tiles) and of the decoder's first 3x3 conv (7 of 65 tile rows).
+        (256, 18432, 231, false, false, "fwd"),
+        (256, 256, 289, false, false, "fwd"),
+        (256, 304, 455, false, false, "fwd"),
         (728, 1089, 728, false, true, "dW"),
         (256, 1089, 2304, false, true, "dW"),
         (256, 16641, 256, false, true, "dW"),
