@@ -19,7 +19,7 @@
 //! candle's output padding is zero on both axes and its backward is exact. Uncovered rows and
 //! columns get zero gradient through the crop.
 
-use crate::cpu::{f32_slice, threads};
+use crate::cpu::{f32_slice, threads, Ptr};
 use crate::geometry::Conv2dGeometry;
 use crate::im2col::{col2im, fill_rows, im2col, Patches};
 use crate::sgemm::{sgemm_raw, sgemm_raw_ex, RawOperand, RowEpilogue};
@@ -362,20 +362,6 @@ fn forward_regions(
         }
     }
     SCRATCH.set(buf);
-}
-
-/// An output pointer shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-// SAFETY: only used for the disjoint writes of `forward_regions`' tasks.
-unsafe impl Send for Ptr {}
-// SAFETY: as above.
-unsafe impl Sync for Ptr {}
-
-impl Ptr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `act(conv2d(x, w) * scale + shift + residual)` (inference only): the folded convolution

@@ -84,3 +84,19 @@ pub(crate) fn has_kernel(device: &candle_core::Device) -> bool {
         _ => false,
     }
 }
+
+/// A pointer (or any `Copy` value holding one) handed to rayon tasks that touch disjoint parts
+/// of what it addresses; each use documents why the parts are disjoint.
+#[derive(Clone, Copy)]
+pub(crate) struct Ptr<T>(pub T);
+// SAFETY: only used for the disjoint parts of parallel tasks and for shared reads.
+unsafe impl<T> Send for Ptr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Ptr<T> {}
+
+impl<T: Copy> Ptr<T> {
+    /// The wrapped value (a whole-struct use, so closures capture the `Send` wrapper).
+    pub fn get(&self) -> T {
+        self.0
+    }
+}

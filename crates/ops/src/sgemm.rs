@@ -24,6 +24,7 @@
 //! `DEEPLAB_NO_AVX512` set) it calls the `gemm` crate and applies the epilogue after.
 
 use crate::batch_norm::Activation;
+use crate::cpu::Ptr;
 use candle_core::{bail, Result};
 use std::cell::Cell;
 
@@ -407,20 +408,6 @@ fn apply_row(row: &mut [f32], e: &RowEpilogue<'_>, i: usize, ldc: usize) {
             .zip(r)
             .for_each(|(v, r)| *v = act.scalar(v.mul_add(s, t) + r)),
     });
-}
-
-/// A pointer handed to rayon workers that touch disjoint parts of what it addresses.
-#[derive(Clone, Copy)]
-struct Ptr<T>(T);
-// SAFETY: only used for the disjoint column/row blocks of `blocked`'s jobs and shared reads.
-unsafe impl<T> Send for Ptr<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for Ptr<T> {}
-
-impl<T: Copy> Ptr<T> {
-    fn get(&self) -> T {
-        self.0
-    }
 }
 
 thread_local! {

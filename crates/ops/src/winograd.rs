@@ -10,11 +10,13 @@
 //! runs in parallel over channels, the 16 products in parallel over `ξ`, and the output
 //! transform, with the folded BatchNorm epilogue and the residual add, over output channels.
 //! The transforms run along a row of tiles on the even and odd input columns, so they
-//! vectorize. The rounding differs from im2col + gemm (the result is the same convolution to
-//! about 1e-6 relative); the folded and unfolded paths both use it, so folding still changes no
-//! bit.
+//! vectorize. The rounding differs from a direct sum: on a ResNet layer3 convolution the
+//! error against an f64 computation is 6.7e-7 of the output's largest magnitude, against
+//! 3.9e-7 for a direct f32 sum (test `winograd_accuracy_against_f64`). The folded and unfolded
+//! paths both use it, so folding still changes no bit.
 
 use crate::batch_norm::Activation;
+use crate::cpu::Ptr;
 use crate::im2col::Patches;
 use crate::sgemm::{sgemm_raw_ex, RawOperand};
 use rayon::prelude::*;
@@ -32,20 +34,6 @@ pub(crate) fn eligible(p: &Patches, cin: usize, cout: usize) -> bool {
         && p.dilations() == (1, 1)
         && cin >= 32
         && cout >= 32
-}
-
-/// A pointer shared by tasks that write disjoint parts of what it addresses.
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-// SAFETY: only used for disjoint writes (documented at each use).
-unsafe impl Send for Ptr {}
-// SAFETY: as above.
-unsafe impl Sync for Ptr {}
-
-impl Ptr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// The transformed weights `U`, laid out `[Cout][16][Cin]` (so `U_ξ` is a row-major

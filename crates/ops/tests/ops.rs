@@ -814,6 +814,37 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
     Ok(())
 }
 
+/// Winograd F(2x2, 3x3) rounds differently from a direct sum: on a ResNet layer3 convolution
+/// (256 -> 256 channels, 33x33, Kaiming-scaled weights) its error against an f64 computation
+/// stays within 4x that of the direct f32 reference composition (prints both).
+#[test]
+fn winograd_accuracy_against_f64() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = seeded_uniform(&[1, 256, 33, 33], 51, &dev)?;
+    // uniform [-a, a) has standard deviation a / sqrt(3): Kaiming's sqrt(2 / fan_in).
+    let a = (3.0f64 * 2.0 / (9.0 * 256.0)).sqrt();
+    let w = (seeded_uniform(&[256, 256, 3, 3], 52, &dev)? * a)?;
+    let g = Conv2dGeometry::same(3, 1);
+    let ours = conv2d(&x, &w, None, &g, 1)?;
+    let direct = reference::conv2d(&x, &w, None, &g)?;
+    let exact = reference::conv2d(&x.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?, None, &g)?;
+    let err = |t: &Tensor| -> Result<f64> {
+        let d = (t.to_dtype(DType::F64)? - &exact)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?;
+        let m = exact.abs()?.flatten_all()?.max(0)?;
+        Ok(d.to_scalar::<f64>()? / m.to_scalar::<f64>()?)
+    };
+    let (e_ours, e_direct) = (err(&ours)?, err(&direct)?);
+    println!("max error / max |y|: winograd {e_ours:.2e}, direct f32 {e_direct:.2e}");
+    assert!(
+        e_ours <= 4.0 * e_direct.max(1e-8),
+        "winograd error {e_ours:.2e} vs direct {e_direct:.2e}"
+    );
+    Ok(())
+}
+
 #[test]
 fn conv2d_im2col_half_precision_and_errors() -> Result<()> {
     let dev = Device::Cpu;
