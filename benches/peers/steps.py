@@ -10,6 +10,13 @@ then
         /tmp/dl-presgemm/target/release/deeplab target/release/deeplab --rounds 2
 Rows 2-4 are one binary: `DEEPLAB_ALLOC_PURGE=1` restores mimalloc's default purging and
 `--no-fold` keeps BatchNorms separate.
+
+Any other sequence of binaries: `--step LABEL=BINARY` (repeated, rows in that order) instead of
+the three positional binaries, e.g. the issue-9 fourth session's table:
+    python3 benches/peers/steps.py --rounds 3 --step "session start=/tmp/deeplab-1d27fdf" \
+        --step "+ residual add in the epilogue=/tmp/deeplab-8be990a" \
+        --step "+ padding taps skipped=/tmp/deeplab-e633106" \
+        --step "+ Winograd F(2x2,3x3)=target/release/deeplab"
 """
 import argparse
 import os
@@ -27,13 +34,30 @@ MODELS = {
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("start", help="deeplab binary at the session start (f9192f2)")
-    ap.add_argument("presgemm", help="deeplab binary before the AVX-512 sgemm (31c5f2c)")
-    ap.add_argument("final", help="deeplab binary with everything")
+    ap.add_argument("start", nargs="?", help="deeplab binary at the session start (f9192f2)")
+    ap.add_argument("presgemm", nargs="?", help="deeplab binary before the AVX-512 sgemm (31c5f2c)")
+    ap.add_argument("final", nargs="?", help="deeplab binary with everything")
+    ap.add_argument("--step", action="append", default=[], metavar="LABEL=BINARY",
+                    help="a row of its own (repeatable; replaces the three positional binaries)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    steps = [
+    if a.step:
+        steps = []
+        for st in a.step:
+            label, sep, binary = st.rpartition("=")
+            if not sep or not label:
+                ap.error(f"--step wants LABEL=BINARY, got {st!r}")
+            steps.append((label, binary, {}, []))
+    elif None in (a.start, a.presgemm, a.final):
+        ap.error("give the three binaries (start presgemm final) or --step LABEL=BINARY rows")
+    else:
+        steps = legacy_steps(a)
+    run(steps, a)
+
+
+def legacy_steps(a):
+    return [
         ("session start (glibc malloc, graph kept alive in eval, candle dense conv, old depthwise "
          "kernel)", a.start, {}, []),
         ("+ eval graph not retained, ReLU op, im2col+gemm conv, new depthwise kernel (mimalloc "
@@ -42,6 +66,9 @@ def main():
         ("+ BatchNorm folded into fused conv / depthwise / gemm epilogues", a.presgemm, {}, []),
         ("+ AVX-512 sgemm for 1x1 and im2col convs", a.final, {}, []),
     ]
+
+
+def run(steps, a):
     res = {}
     for r in range(a.rounds):
         for si, (_, binary, env, flags) in enumerate(steps):

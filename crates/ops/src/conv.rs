@@ -9,7 +9,11 @@
 //! stride, dilation and asymmetric padding, on any input size.
 //!
 //! The products are [`crate::sgemm`] calls (the AVX-512 kernel, with a folded BatchNorm epilogue
-//! fused into the tile stores when given). 1x1 stride-1 unpadded convolutions of f32 CPU
+//! and optionally a residual add fused into the tile stores when given). Two forward paths do
+//! less arithmetic: 3x3 stride-1 undilated convolutions with at least 32 channels on both sides
+//! run as Winograd F(2x2, 3x3) (`crate::winograd`), and convolutions with more than 15% of their
+//! tap reads in the zero padding (large atrous rates on small maps) by output rectangles that skip
+//! those taps ([`forward_regions`]). 1x1 stride-1 unpadded convolutions of f32 CPU
 //! tensors skip im2col: one product per image (see [`crate::pointwise`]); other devices and
 //! dtypes run them as one batched candle matmul. Grouped convolutions, f64 and
 //! other devices use candle's conv2d. candle 0.11's conv2d backward derives the transposed

@@ -3,7 +3,7 @@
 //! each forward and backward.
 //!
 //! Every op is one public function over a private candle custom op with a multi-threaded,
-//! vectorized CPU kernel (CUDA kernels behind the `cuda` feature). The [`reference`] module
+//! vectorized CPU kernel (CUDA kernels behind the `cuda` feature). The [`reference`](mod@reference) module
 //! computes the same things with plain candle ops and is the oracle the tests compare against,
 //! for values and gradients.
 //!
