@@ -1012,22 +1012,13 @@ impl Epilogue {
         let Some(st) = self.fused_f32(x, w) else {
             return self.apply(&crate::conv::conv2d(x, w, None, geom, 1)?);
         };
-        let (cout, _, kh, kw) = w.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
         let pointwise = kh == 1 && kw == 1 && geom.stride == (1, 1) && geom.padding.is_zero();
-        crate::profile::record(
-            if kh * kw == 1 {
-                "conv 1x1 + epilogue"
-            } else {
-                "conv kxk + epilogue"
-            },
-            || {
-                format!(
-                    "{kh}x{kw} s{} d{} {} -> {cout}",
-                    geom.stride.0,
-                    geom.dilation.0,
-                    crate::profile::dims(x)
-                )
-            },
+        crate::profile::record_conv(
+            ["conv 1x1 + epilogue", "conv kxk + epilogue"],
+            x,
+            w,
+            geom,
             || {
                 if pointwise {
                     crate::pointwise::pointwise_epilogue(x, w, st, self.act)
@@ -1059,21 +1050,11 @@ impl Epilogue {
         let Some(st) = fused else {
             return act.apply(&(self.conv2d(x, w, geom)? + residual)?);
         };
-        let (cout, _, kh, kw) = w.dims4()?;
-        crate::profile::record(
-            if kh * kw == 1 {
-                "conv 1x1 + epilogue + add"
-            } else {
-                "conv kxk + epilogue + add"
-            },
-            || {
-                format!(
-                    "{kh}x{kw} s{} d{} {} -> {cout}",
-                    geom.stride.0,
-                    geom.dilation.0,
-                    crate::profile::dims(x)
-                )
-            },
+        crate::profile::record_conv(
+            ["conv 1x1 + epilogue + add", "conv kxk + epilogue + add"],
+            x,
+            w,
+            geom,
             || crate::conv::conv_residual_epilogue(x, w, geom, st, act, residual),
         )
     }

@@ -42,27 +42,30 @@ thread_local! {
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Convolution of `(x, w)` with one group as im2col + gemm; with `epi`, a folded BatchNorm
-/// `act(y * scale + shift)` applied at each tile store (inference only).
-struct ConvGemm {
-    geom: Conv2dGeometry,
-    epi: Option<(Vec<f32>, Vec<f32>, crate::Activation)>,
+/// Convolution of `(x, w)` with one group on [`forward_f32`]: a `pointwise` one (1x1, stride 1,
+/// no padding) reads the input as its patch matrix, any other builds it by im2col; with `epi`, a
+/// folded BatchNorm `act(y * scale + shift)` applied at each tile store (inference only).
+pub(crate) struct ConvGemm {
+    pub geom: Conv2dGeometry,
+    pub epi: Option<(Vec<f32>, Vec<f32>, crate::Activation)>,
+    pub pointwise: bool,
 }
 
-impl CustomOp2 for ConvGemm {
-    fn name(&self) -> &'static str {
-        "conv2d-im2col-gemm"
-    }
-
-    fn cpu_fwd(
+impl ConvGemm {
+    /// [`forward_f32`] on the op's storages, with an optional residual (needs `epi`).
+    fn forward(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(self.name(), xs, xl)?;
-        let k = f32_slice(self.name(), ws, wl)?;
+        let name = CustomOp2::name(self);
+        let x = f32_slice(name, xs, xl)?;
+        let k = f32_slice(name, ws, wl)?;
+        let r = match residual {
+            Some((rs, rl)) => Some((f32_slice(name, rs, rl)?, rl.shape())),
+            None => None,
+        };
         let epi = self
             .epi
             .as_ref()
@@ -72,10 +75,30 @@ impl CustomOp2 for ConvGemm {
             (k, wl.shape()),
             &self.geom,
             epi,
-            None,
-            false,
+            r,
+            self.pointwise,
         )?;
         Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+impl CustomOp2 for ConvGemm {
+    fn name(&self) -> &'static str {
+        if self.pointwise {
+            "pointwise-conv-sgemm"
+        } else {
+            "conv2d-im2col-gemm"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((xs, xl), (ws, wl), None)
     }
 
     fn bwd(
@@ -88,8 +111,17 @@ impl CustomOp2 for ConvGemm {
         if self.epi.is_some() {
             bail!("conv2d with a folded BatchNorm is inference-only (fold after training)")
         }
-        let (_, _, h, wd) = x.dims4()?;
+        let (n, cin, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
+        if self.pointwise {
+            return matmul_conv_grads(
+                x,
+                w,
+                grad,
+                |x| x.reshape((n, cin, h * wd)),
+                |dx| dx.reshape((n, cin, h, wd)),
+            );
+        }
         matmul_conv_grads(
             x,
             w,
@@ -126,6 +158,12 @@ pub(crate) fn forward_f32(
         bail!(
             "conv2d: epilogue of {:?} channels does not fit weight {:?}",
             epi.map(|(s, _, _)| s.len()),
+            ws.dims()
+        )
+    }
+    if pointwise && ((kh, kw) != (1, 1) || geom.stride != (1, 1) || !geom.padding.is_zero()) {
+        bail!(
+            "pointwise conv: weight {:?} with {geom:?} is not a plain 1x1 convolution",
             ws.dims()
         )
     }
@@ -370,10 +408,7 @@ fn forward_regions(
 
 /// `act(conv2d(x, w) * scale + shift + residual)` (inference only): the folded convolution
 /// whose tile stores also add a residual branch and apply the activation.
-struct ConvResidual {
-    geom: Conv2dGeometry,
-    epi: (Vec<f32>, Vec<f32>, crate::Activation),
-}
+struct ConvResidual(ConvGemm);
 
 impl CustomOp3 for ConvResidual {
     fn name(&self) -> &'static str {
@@ -389,20 +424,7 @@ impl CustomOp3 for ConvResidual {
         rs: &CpuStorage,
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(self.name(), xs, xl)?;
-        let k = f32_slice(self.name(), ws, wl)?;
-        let r = f32_slice(self.name(), rs, rl)?;
-        let (_, _, kh, kw) = wl.shape().dims4()?;
-        let (s, t, act) = &self.epi;
-        let (out, shape) = forward_f32(
-            (x, xl.shape()),
-            (k, wl.shape()),
-            &self.geom,
-            Some((s, t, *act)),
-            Some((r, rl.shape())),
-            kh == 1 && kw == 1 && self.geom.stride == (1, 1) && self.geom.padding.is_zero(),
-        )?;
-        Ok((CpuStorage::F32(out), shape))
+        self.0.forward((xs, xl), (ws, wl), Some((rs, rl)))
     }
 }
 
@@ -576,6 +598,7 @@ pub(crate) fn conv_gemm_epilogue(
     let op = ConvGemm {
         geom: *geom,
         epi: Some((scale.to_vec(), shift.to_vec(), act)),
+        pointwise: false,
     };
     x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
@@ -591,10 +614,12 @@ pub(crate) fn conv_residual_epilogue(
     act: crate::Activation,
     residual: &Tensor,
 ) -> Result<Tensor> {
-    let op = ConvResidual {
+    let (_, _, kh, kw) = w.dims4()?;
+    let op = ConvResidual(ConvGemm {
         geom: *geom,
-        epi: (scale.to_vec(), shift.to_vec(), act),
-    };
+        epi: Some((scale.to_vec(), shift.to_vec(), act)),
+        pointwise: kh == 1 && kw == 1 && geom.stride == (1, 1) && geom.padding.is_zero(),
+    });
     x.contiguous()?
         .apply_op3_no_bwd(&w.contiguous()?, &residual.contiguous()?, &op)
 }
@@ -604,6 +629,7 @@ fn conv_gemm(x: &Tensor, w: &Tensor, geom: &Conv2dGeometry) -> Result<Tensor> {
     let op = ConvGemm {
         geom: *geom,
         epi: None,
+        pointwise: false,
     };
     let w32 = w.to_dtype(DType::F32)?.contiguous()?;
     match x.dtype() {

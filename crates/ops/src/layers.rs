@@ -143,17 +143,11 @@ impl Module for Conv2d {
             // folding moved any bias into the epilogue's shift
             Some(e) if self.groups == 1 => e.conv2d(x, &self.weight, &self.geom),
             e => {
-                let (cout, _, kh, kw) = self.weight.dims4()?;
-                let y = crate::profile::record(
-                    if kh * kw == 1 { "conv 1x1" } else { "conv kxk" },
-                    || {
-                        format!(
-                            "{kh}x{kw} s{} d{} {} -> {cout}",
-                            self.geom.stride.0,
-                            self.geom.dilation.0,
-                            crate::profile::dims(x)
-                        )
-                    },
+                let y = crate::profile::record_conv(
+                    ["conv 1x1", "conv kxk"],
+                    x,
+                    &self.weight,
+                    &self.geom,
                     || {
                         crate::conv::conv2d(
                             x,

@@ -52,6 +52,33 @@ pub fn record<T>(kind: &str, detail: impl FnOnce() -> String, f: impl FnOnce() -
     out
 }
 
+/// [`record`] for a convolution `x * w`: kind `kinds[0]` for a 1x1 kernel, `kinds[1]` for any
+/// other, detail `"{kh}x{kw} s{stride} d{dilation} {x dims} -> {cout}"`.
+pub fn record_conv<T>(
+    kinds: [&str; 2],
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+    geom: &crate::Conv2dGeometry,
+    f: impl FnOnce() -> T,
+) -> T {
+    let (cout, kh, kw) = match w.dims() {
+        &[cout, _, kh, kw] => (cout, kh, kw),
+        _ => (0, 0, 0),
+    };
+    record(
+        if kh * kw == 1 { kinds[0] } else { kinds[1] },
+        || {
+            format!(
+                "{kh}x{kw} s{} d{} {} -> {cout}",
+                geom.stride.0,
+                geom.dilation.0,
+                dims(x)
+            )
+        },
+        f,
+    )
+}
+
 /// `"{n}x{c}x{h}x{w}"` of a tensor's dims (for `record`'s details).
 pub fn dims(t: &candle_core::Tensor) -> String {
     t.dims()

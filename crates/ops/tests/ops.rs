@@ -902,6 +902,17 @@ fn bits(t: &Tensor) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Seeded random `conv.weight` (8 -> 12 channels, `k x k`) and `bn.*` (12 channels).
+fn conv_bn_builder(k: usize, seed: u64) -> Result<VarBuilder<'static>> {
+    let mut shapes = vec![("conv.weight".to_string(), vec![12, 8, k, k])];
+    shapes.extend(bn_shapes("bn", 12));
+    let shapes: Vec<(&str, Vec<usize>)> = shapes
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.clone()))
+        .collect();
+    random_builder(&shapes, seed)
+}
+
 /// Folding every BatchNorm into its convolution's fused output pass changes no bit of the
 /// evaluation-mode output: dense convs (1x1 and k x k, strided, dilated, TF padding) and
 /// separable convs in both activation placements, on the fused kernels.
@@ -915,13 +926,7 @@ fn folded_layers_are_bit_identical() -> Result<()> {
         (3, Conv2dGeometry::same(3, 4), Activation::Relu),
     ];
     for (i, (k, geom, act)) in convs.into_iter().enumerate() {
-        let mut shapes = vec![("conv.weight".to_string(), vec![12, 8, k, k])];
-        shapes.extend(bn_shapes("bn", 12));
-        let shapes: Vec<(&str, Vec<usize>)> = shapes
-            .iter()
-            .map(|(n, s)| (n.as_str(), s.clone()))
-            .collect();
-        let vb = random_builder(&shapes, 20 + 10 * i as u64)?;
+        let vb = conv_bn_builder(k, 20 + 10 * i as u64)?;
         let mut layer = ConvBnAct::new(8, 12, k, geom, BatchNormConfig::tf_head(), act, vb)?;
         let before = layer.forward_t(&x, false)?;
         layer.fold_batch_norm()?;
@@ -995,13 +1000,7 @@ fn residual_epilogue_is_bit_identical() -> Result<()> {
     .into_iter()
     .enumerate()
     {
-        let mut shapes = vec![("conv.weight".to_string(), vec![12, 8, k, k])];
-        shapes.extend(bn_shapes("bn", 12));
-        let shapes: Vec<(&str, Vec<usize>)> = shapes
-            .iter()
-            .map(|(n, s)| (n.as_str(), s.clone()))
-            .collect();
-        let vb = random_builder(&shapes, 40 + 10 * i as u64)?;
+        let vb = conv_bn_builder(k, 40 + 10 * i as u64)?;
         let mut conv = Conv2d::new(8, 12, k, geom, false, vb.pp("conv"))?;
         let mut bn = BatchNorm2d::new(12, BatchNormConfig::tf_backbone(), vb.pp("bn"))?;
         let plain = bn.forward_t(&conv.forward(&x)?, false)?;
