@@ -10,10 +10,10 @@
 //!
 //! The products are [`crate::sgemm`] calls (the AVX-512 kernel, with a folded BatchNorm epilogue
 //! and optionally a residual add fused into the tile stores when given). Two forward paths do
-//! less arithmetic: 3x3 stride-1 undilated convolutions with at least 32 channels on both sides
-//! run as Winograd F(2x2, 3x3) (`crate::winograd`), and convolutions with more than 15% of their
-//! tap reads in the zero padding (large atrous rates on small maps) by output rectangles that skip
-//! those taps ([`forward_regions`]). 1x1 stride-1 unpadded convolutions of f32 CPU
+//! less arithmetic: 3x3 stride-1 convolutions (any dilation) with at least 32 channels on both
+//! sides run as Winograd F(2x2, 3x3) (`crate::winograd`) where that saves enough multiplies, and
+//! other convolutions with more than 15% of their tap reads in the zero padding (large atrous
+//! rates on small maps) by output rectangles that skip those taps ([`forward_regions`]). 1x1 stride-1 unpadded convolutions of f32 CPU
 //! tensors skip im2col: one product per image (see [`crate::pointwise`]); other devices and
 //! dtypes run them as one batched candle matmul. Grouped convolutions, f64 and
 //! other devices use candle's conv2d. candle 0.11's conv2d backward derives the transposed
@@ -205,7 +205,15 @@ pub(crate) fn forward_f32(
             residual: residual.map(|(r, _)| &r[b * cout * l + oy0 * p.wo..]),
         })
     };
-    if !pointwise && crate::winograd::eligible(&p, cin, cout) {
+    // The direct path's multiplies per channel pair (skipping the padding taps when many fall
+    // there) against Winograd's.
+    let share = if pointwise { 0.0 } else { p.padding_share() };
+    let regions = share > REGIONS_MIN_PADDING;
+    let direct = (l * p.taps()) as f64 * if regions { 1.0 - share } else { 1.0 };
+    let winograd = !pointwise
+        && crate::winograd::eligible(&p, cin, cout)
+        && (crate::winograd::products(&p) as f64) < WINOGRAD_MAX_SHARE * direct;
+    if winograd {
         for b in 0..n {
             // SAFETY: image `b`'s `cout * l` outputs lie inside `out`'s capacity, and the
             // residual (same shape as the output) holds image `b`'s values at the same offset.
@@ -221,7 +229,7 @@ pub(crate) fn forward_f32(
                 )
             }
         }
-    } else if !pointwise && p.padding_share() > REGIONS_MIN_PADDING {
+    } else if regions {
         forward_regions(
             (x, (n, cin)),
             (k, cout),
@@ -292,6 +300,13 @@ pub(crate) fn forward_f32(
 /// [`forward_regions`] skips them (ResNet's ASPP at 33x33: rate 6 23%, 12 43%, 18 60%; a 3x3
 /// rate-1 convolution of a 33x33 map: 6%).
 const REGIONS_MIN_PADDING: f64 = 0.15;
+
+/// A 3x3 stride-1 convolution runs as Winograd F(2x2, 3x3) when that does at most this share of
+/// the direct path's multiplies (its transforms cost the rest): undilated and rate-2 convs on
+/// DeepLab's maps do 0.45-0.47; ResNet's rate-6 ASPP branch on 33x33 would do 0.69 of the
+/// rectangles' and measured slower on Winograd (42 vs 35 ms: the transforms of 2048 input
+/// channels for few tiles), its rates 12 and 18 more than the direct path.
+const WINOGRAD_MAX_SHARE: f64 = 0.6;
 
 /// A convolution whose taps often fall in the zero padding (large atrous rates on small maps)
 /// without multiplying those zeros: the output is split into rectangles inside which the same

@@ -1,6 +1,9 @@
-//! Winograd F(2x2, 3x3) convolution (Lavin & Gray 2016) for 3x3 stride-1 undilated
-//! convolutions on the CPU in f32: each 2x2 output tile costs 16 multiplies per channel pair
-//! instead of 36, so the products shrink 2.25x against im2col + gemm.
+//! Winograd F(2x2, 3x3) convolution (Lavin & Gray 2016) for 3x3 stride-1 convolutions on the
+//! CPU in f32: each 2x2 output tile costs 16 multiplies per channel pair instead of 36, so the
+//! products shrink 2.25x against im2col + gemm. A dilated convolution is the undilated one on
+//! each phase subgrid of its output (`o mod d` per axis): its tiles are 2x2 outputs `d` apart,
+//! read 4x4 inputs `d` apart, and the phases' tiles are listed together, so all of them go
+//! through the same products ([`Axis`]).
 //!
 //! With `U = G g Gᵀ` (per output/input channel pair), `V = Bᵀ d B` (per input channel and
 //! 4x4 input tile) and `Y = Aᵀ M A` where `M[ξ] = Σ_c U[ξ][o][c] · V[ξ][c][t]`, the 16
@@ -25,15 +28,75 @@ use rayon::prelude::*;
 /// (`16 x Cout x tiles`) are a few MiB for the channel counts of DeepLab's 3x3 convolutions.
 const TILES_MAX: usize = 480;
 
-/// Whether a convolution takes the Winograd path: a 3x3 kernel, stride 1, no dilation, and
-/// enough channels on both sides for the products to dominate the transforms.
+/// The most floats of one block's transformed input (`16 x Cin x tiles`): 8 MiB, so a block of
+/// an ASPP branch's 2048 input channels holds a few tile rows.
+const V_BUDGET: usize = 2 << 20;
+
+/// Whether a convolution can take the Winograd path: a 3x3 kernel, stride 1 (any dilation),
+/// and enough channels on both sides for the products to dominate the transforms.
 pub(crate) fn eligible(p: &Patches, cin: usize, cout: usize) -> bool {
-    p.kh == 3
-        && p.kw == 3
-        && p.strides() == (1, 1)
-        && p.dilations() == (1, 1)
-        && cin >= 32
-        && cout >= 32
+    p.kh == 3 && p.kw == 3 && p.strides() == (1, 1) && cin >= 32 && cout >= 32
+}
+
+/// The multiplies per channel pair of the Winograd path for `p` (16 per tile), to weigh against
+/// the direct products (9 per output, fewer when padding taps are skipped).
+pub(crate) fn products(p: &Patches) -> usize {
+    let (dy, dx) = p.dilations();
+    let (pt, pl) = p.pad_top_left();
+    16 * Axis::new(dy, pt, p.ho).tiles * Axis::new(dx, pl, p.wo).tiles
+}
+
+/// The output tiles along one axis. With dilation `d` the outputs split into `d` phases
+/// (`o mod d`); tile `k` of phase `ph` covers outputs `ph + 2 d k` and `ph + 2 d k + d` and reads
+/// inputs `ph + 2 d k - pad + d c`, `c = 0..4`: an undilated F(2, 3) tile on that phase's
+/// subgrid. Tiles are listed phase by phase.
+struct Axis {
+    d: usize,
+    pad: usize,
+    /// Per phase: (tiles, index of its first tile, offset of its even/odd input arrays, which
+    /// hold `tiles + 1` entries each).
+    phases: Vec<(usize, usize, usize)>,
+    tiles: usize,
+    /// Entries of the even (and of the odd) input arrays over all phases.
+    inputs: usize,
+}
+
+impl Axis {
+    fn new(d: usize, pad: usize, out: usize) -> Self {
+        let (mut tiles, mut inputs) = (0, 0);
+        let phases = (0..d)
+            .map(|ph| {
+                let count = out.saturating_sub(ph).div_ceil(2 * d);
+                let entry = (count, tiles, inputs);
+                tiles += count;
+                inputs += count + 1;
+                entry
+            })
+            .collect();
+        Self {
+            d,
+            pad,
+            phases,
+            tiles,
+            inputs,
+        }
+    }
+
+    /// (phase, tile within the phase) of tile `i`.
+    fn tile(&self, i: usize) -> (usize, usize) {
+        for (ph, &(count, first, _)) in self.phases.iter().enumerate() {
+            if i < first + count {
+                return (ph, i - first);
+            }
+        }
+        unreachable!("tile {i} of {}", self.tiles)
+    }
+
+    /// Input coordinate `c` (0..4) of tile `k` of phase `ph` (negative or past the input in the
+    /// padding).
+    fn input(&self, ph: usize, k: usize, c: usize) -> isize {
+        (ph + 2 * self.d * k + self.d * c) as isize - self.pad as isize
+    }
 }
 
 /// The transformed weights `U`, laid out `[Cout][16][Cin]` (so `U_ξ` is a row-major
@@ -92,28 +155,31 @@ fn weights_of_channel(dst: &mut [f32], taps: &[f32], cin: usize) {
     }
 }
 
-/// `Bᵀ d B` of the tiles in tile rows `[ty0, ty1)` of one input plane `src` (`h x w`), into
-/// `dst` laid out `[16][tiles]` with row stride `ld` (tile `(ty - ty0) * tw + tx`).
+/// `Bᵀ d B` of the tiles in tile rows `[i0, i1)` of one input plane `src` (`h x w`), into
+/// `dst` laid out `[16][tiles]` with row stride `ld` (tile `(i - i0) * cols.tiles + j`);
+/// `scratch` holds `16 * cols.inputs` values.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn transform_input(
     src: &[f32],
     (h, w): (usize, usize),
-    (pt, pl): (usize, usize),
-    tw: usize,
-    (ty0, ty1): (usize, usize),
+    (rows_axis, cols): (&Axis, &Axis),
+    (i0, i1): (usize, usize),
     dst: &mut [f32],
     ld: usize,
     scratch: &mut [f32],
 ) {
-    // Even and odd input columns of the four rows of a tile row: column `2 * tx - pl` is
-    // `even[tx]`, `2 * tx + 1 - pl` is `odd[tx]`, for `tx` in `0..=tw`.
-    let n = tw + 1;
+    // The even and odd input columns of the four input rows of a tile row: for tile `l` of
+    // column phase `b`, input columns `c = 0, 1, 2, 3` are `even[l]`, `odd[l]`, `even[l + 1]`,
+    // `odd[l + 1]` of that phase's arrays.
+    let n = cols.inputs;
+    let dx = cols.d;
     let (rows, t) = scratch.split_at_mut(8 * n);
-    for ty in ty0..ty1 {
+    for i in i0..i1 {
+        let (a, k) = rows_axis.tile(i);
         for r in 0..4 {
             let (e, o) = rows[2 * r * n..(2 * r + 2) * n].split_at_mut(n);
-            let iy = (2 * ty + r) as isize - pt as isize;
+            let iy = rows_axis.input(a, k, r);
             if iy < 0 || iy >= h as isize {
                 e.fill(0.0);
                 o.fill(0.0);
@@ -127,26 +193,55 @@ fn transform_input(
                     0.0
                 }
             };
-            // Tiles whose two columns are both inside the row: `[lo, hi)`; the rest read
-            // zeros at the edges.
-            let lo = pl.div_ceil(2).min(n);
-            let hi = ((w + pl) / 2).clamp(lo, n);
-            for tx in (0..lo).chain(hi..n) {
-                let ix = (2 * tx) as isize - pl as isize;
-                e[tx] = at(ix);
-                o[tx] = at(ix + 1);
-            }
-            if lo == hi {
-                continue;
-            }
-            let inner = &row[2 * lo - pl..2 * hi - pl];
-            for ((e, o), pair) in e[lo..hi]
-                .iter_mut()
-                .zip(&mut o[lo..hi])
-                .zip(inner.chunks_exact(2))
-            {
-                *e = pair[0];
-                *o = pair[1];
+            for (b, &(count, _, off)) in cols.phases.iter().enumerate() {
+                let (e, o) = (&mut e[off..off + count + 1], &mut o[off..off + count + 1]);
+                // Entries whose even and odd columns both lie inside the row: `[lo, hi)`; the
+                // rest read zeros at the edges.
+                let first = cols.input(b, 0, 0);
+                let step = 2 * dx as isize;
+                let lo = if first >= 0 {
+                    0
+                } else {
+                    ((-first) as usize).div_ceil(2 * dx)
+                }
+                .min(count + 1);
+                let last_ok = w as isize - 1 - dx as isize - first;
+                let hi = if last_ok < 0 {
+                    lo
+                } else {
+                    (last_ok / step + 1).clamp(lo as isize, (count + 1) as isize) as usize
+                };
+                for l in (0..lo).chain(hi..count + 1) {
+                    let ix = first + step * l as isize;
+                    e[l] = at(ix);
+                    o[l] = at(ix + dx as isize);
+                }
+                if lo == hi {
+                    continue;
+                }
+                let start = (first + step * lo as isize) as usize;
+                if dx == 1 {
+                    let inner = &row[start..start + 2 * (hi - lo)];
+                    for ((e, o), pair) in e[lo..hi]
+                        .iter_mut()
+                        .zip(&mut o[lo..hi])
+                        .zip(inner.chunks_exact(2))
+                    {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                } else {
+                    let evens = row[start..].iter().step_by(2 * dx);
+                    let odds = row[start + dx..].iter().step_by(2 * dx);
+                    for ((e, o), (&ev, &od)) in e[lo..hi]
+                        .iter_mut()
+                        .zip(&mut o[lo..hi])
+                        .zip(evens.zip(odds))
+                    {
+                        *e = ev;
+                        *o = od;
+                    }
+                }
             }
         }
         // Bᵀ d, separately on the even and odd columns: rows k of `t` (even then odd).
@@ -163,23 +258,28 @@ fn transform_input(
                 }
             }
         }
-        // (Bᵀ d) B along each row of tiles.
-        let base = (ty - ty0) * tw;
-        for k in 0..4 {
+        // (Bᵀ d) B along each column phase's row of tiles.
+        let base = (i - i0) * cols.tiles;
+        for kk in 0..4 {
             let (e, o) = (
-                &t[2 * k * n..(2 * k + 1) * n],
-                &t[(2 * k + 1) * n..(2 * k + 2) * n],
+                &t[2 * kk * n..(2 * kk + 1) * n],
+                &t[(2 * kk + 1) * n..(2 * kk + 2) * n],
             );
-            let out = |j: usize| (4 * k + j) * ld + base;
+            let out = |j: usize| (4 * kk + j) * ld + base;
             let (d0, rest) = dst[out(0)..].split_at_mut(ld);
             let (d1, rest) = rest.split_at_mut(ld);
             let (d2, rest) = rest.split_at_mut(ld);
-            let d3 = &mut rest[..tw];
-            for x in 0..tw {
-                d0[x] = e[x] - e[x + 1];
-                d1[x] = o[x] + e[x + 1];
-                d2[x] = e[x + 1] - o[x];
-                d3[x] = o[x] - o[x + 1];
+            let d3 = &mut rest[..cols.tiles];
+            for &(count, first, off) in &cols.phases {
+                let (e, o) = (&e[off..off + count + 1], &o[off..off + count + 1]);
+                let (d0, d1) = (&mut d0[first..first + count], &mut d1[first..first + count]);
+                let (d2, d3) = (&mut d2[first..first + count], &mut d3[first..first + count]);
+                for x in 0..count {
+                    d0[x] = e[x] - e[x + 1];
+                    d1[x] = o[x] + e[x + 1];
+                    d2[x] = e[x + 1] - o[x];
+                    d3[x] = o[x] - o[x + 1];
+                }
             }
         }
     }
@@ -203,30 +303,35 @@ pub(crate) unsafe fn forward(
 ) {
     let (h, w, ho, wo) = (p.h, p.w, p.ho, p.wo);
     let (pt, pl) = p.pad_top_left();
-    let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
+    let (dy, dx) = p.dilations();
+    let (rows_axis, cols) = (Axis::new(dy, pt, ho), Axis::new(dx, pl, wo));
+    let (th, tw) = (rows_axis.tiles, cols.tiles);
+    if th == 0 || tw == 0 {
+        return;
+    }
     let u = transform_weights(k, cout, cin);
-    let rows_per_block = (TILES_MAX / tw).max(1);
+    let rows_per_block = (TILES_MAX.min(V_BUDGET / (16 * cin)) / tw).max(1);
     let most = rows_per_block.min(th) * tw;
     let mut v = vec![0f32; cin * 16 * most];
     let mut m = vec![0f32; cout * 16 * most];
     let out = Ptr(out);
-    for ty0 in (0..th).step_by(rows_per_block) {
-        let ty1 = (ty0 + rows_per_block).min(th);
-        let tiles = (ty1 - ty0) * tw;
+    let axes = (&rows_axis, &cols);
+    for i0 in (0..th).step_by(rows_per_block) {
+        let i1 = (i0 + rows_per_block).min(th);
+        let tiles = (i1 - i0) * tw;
         // V: [Cin][16][tiles].
         v[..cin * 16 * tiles]
             .par_chunks_mut(16 * tiles)
             .enumerate()
             .for_each_init(
-                || vec![0f32; 16 * (tw + 1)],
+                || vec![0f32; 16 * cols.inputs],
                 |scratch, (c, dst)| {
                     let src = &x[c * h * w..(c + 1) * h * w];
                     multiversion!(|| transform_input(
                         src,
                         (h, w),
-                        (pt, pl),
-                        tw,
-                        (ty0, ty1),
+                        axes,
+                        (i0, i1),
                         dst,
                         tiles,
                         scratch
@@ -253,48 +358,46 @@ pub(crate) unsafe fn forward(
                 )
             }
         });
-        // Y = Aᵀ M A per output channel, through the epilogue into rows
-        // `[2 * ty0, min(2 * ty1, ho))`.
+        // Y = Aᵀ M A per output channel, through the epilogue into the output rows of tile
+        // rows `[i0, i1)`.
         let mr = &m;
         (0..cout).into_par_iter().for_each_init(
             || vec![0f32; 4 * tw],
             |y, o| {
                 let mo = &mr[o * 16 * tiles..(o + 1) * 16 * tiles];
                 let base = o * ho * wo;
-                // SAFETY: rows `[2 * ty0, min(2 * ty1, ho))` of channel `o`: inside `out`,
-                // written by this task alone (channels are split across tasks, rows across
-                // blocks).
-                let dst = unsafe {
-                    let first = (2 * ty0) * wo;
-                    let len = (2 * ty1).min(ho) * wo - first;
-                    std::slice::from_raw_parts_mut(out.get().add(base + first), len)
-                };
-                let res = residual.map(|r| &r[base + 2 * ty0 * wo..base + (2 * ty1).min(ho) * wo]);
+                // SAFETY: channel `o` of the output: inside `out`, and only the rows of this
+                // block's tile rows are written, by this task alone (channels are split across
+                // tasks, rows across the blocks, which run one after another).
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(base), ho * wo) };
+                let res = residual.map(|r| &r[base..base + ho * wo]);
                 let epi = epi.map(|(s, t, act)| (s[o], t[o], act));
-                multiversion!(|| output_rows(mo, tiles, tw, wo, y, dst, epi, res));
+                multiversion!(|| output_rows(mo, axes, (i0, i1), wo, y, dst, epi, res));
             },
         );
     }
 }
 
-/// `Aᵀ M A` of one output channel's tile rows (`mo`: `[16][tiles]`, `tw` tiles per row) into
-/// its output rows `dst` (`wo` wide; the last tile row may have a single output row), through
-/// the epilogue; `y` is scratch of `4 * tw`.
+/// `Aᵀ M A` of one output channel's tile rows `[i0, i1)` (`mo`: `[16][tiles]`) into its output
+/// plane `dst` (`ho x wo`; only those tile rows' output rows are written), through the
+/// epilogue; `y` is scratch of `4 * cols.tiles`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn output_rows(
     mo: &[f32],
-    tiles: usize,
-    tw: usize,
+    (rows_axis, cols): (&Axis, &Axis),
+    (i0, i1): (usize, usize),
     wo: usize,
     y: &mut [f32],
     dst: &mut [f32],
     epi: Option<(f32, f32, Activation)>,
     res: Option<&[f32]>,
 ) {
-    let rows = dst.len() / wo;
-    for tr in 0..tiles / tw {
-        let b = tr * tw;
+    let tw = cols.tiles;
+    let tiles = (i1 - i0) * tw;
+    let ho = dst.len() / wo;
+    for i in i0..i1 {
+        let b = (i - i0) * tw;
         let q = |xi: usize| &mo[xi * tiles + b..xi * tiles + b + tw];
         let (y0, rest) = y.split_at_mut(tw);
         let (y1, rest) = rest.split_at_mut(tw);
@@ -323,34 +426,57 @@ fn output_rows(
             y2[x] = s1[0] + s1[1] + s1[2];
             y3[x] = s1[1] - s1[2] - s1[3];
         }
-        for (a, (ye, yo)) in [(&*y0, &*y1), (&*y2, &*y3)].into_iter().enumerate() {
-            let r = 2 * tr + a;
-            if r >= rows {
+        let (a, k) = rows_axis.tile(i);
+        for (r, (ye, yo)) in [(&*y0, &*y1), (&*y2, &*y3)].into_iter().enumerate() {
+            let oy = a + 2 * rows_axis.d * k + rows_axis.d * r;
+            if oy >= ho {
                 break;
             }
-            let row = &mut dst[r * wo..(r + 1) * wo];
-            write_row(row, ye, yo, epi, res.map(|res| &res[r * wo..(r + 1) * wo]));
+            let row = &mut dst[oy * wo..(oy + 1) * wo];
+            write_row(
+                row,
+                cols,
+                ye,
+                yo,
+                epi,
+                res.map(|res| &res[oy * wo..(oy + 1) * wo]),
+            );
         }
     }
 }
 
-/// Interleaves a row of tile outputs (`even[tx]` at column `2 tx`, `odd[tx]` at `2 tx + 1`)
-/// into `dst`, through the epilogue `act(v * s + t (+ r))` when given.
+/// One output row from its tiles' two values per column tile (`even[j]` at column
+/// `b + 2 d l`, `odd[j]` at `b + 2 d l + d` for tile `j`, tile `l` of column phase `b`), through
+/// the epilogue `act(v * s + t (+ r))` when given.
 #[inline(always)]
 fn write_row(
     dst: &mut [f32],
+    cols: &Axis,
     even: &[f32],
     odd: &[f32],
     epi: Option<(f32, f32, Activation)>,
     res: Option<&[f32]>,
 ) {
-    let whole = dst.len() / 2;
-    for ((pair, &e), &o) in dst.chunks_exact_mut(2).zip(even).zip(odd) {
-        pair[0] = e;
-        pair[1] = o;
-    }
-    if dst.len() % 2 == 1 {
-        dst[2 * whole] = even[whole];
+    let (d, wo) = (cols.d, dst.len());
+    if d == 1 {
+        let whole = wo / 2;
+        for ((pair, &e), &o) in dst.chunks_exact_mut(2).zip(even).zip(odd) {
+            pair[0] = e;
+            pair[1] = o;
+        }
+        if wo % 2 == 1 {
+            dst[2 * whole] = even[whole];
+        }
+    } else {
+        for (b, &(count, first, _)) in cols.phases.iter().enumerate() {
+            for l in 0..count {
+                let ox = b + 2 * d * l;
+                dst[ox] = even[first + l];
+                if ox + d < wo {
+                    dst[ox + d] = odd[first + l];
+                }
+            }
+        }
     }
     let Some((s, t, act)) = epi else { return };
     match (res, act) {

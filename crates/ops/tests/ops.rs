@@ -748,6 +748,12 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
             ((2, 32, 17, 23), 40, 3, 1, 1, false),
             ((1, 33, 8, 9), 32, 3, 1, 1, false),
             ((1, 64, 65, 66), 48, 3, 1, 1, false),
+            // Dilated Winograd, phase by phase: rates 2 and 3 (SAME and fixed padding), a rate
+            // whose phases hold one or two outputs each, and odd/even map sizes.
+            ((2, 32, 17, 23), 32, 3, 1, 2, false),
+            ((1, 33, 33, 31), 40, 3, 1, 2, true),
+            ((1, 32, 20, 17), 32, 3, 1, 3, false),
+            ((1, 48, 33, 33), 32, 3, 1, 6, false),
         ];
         for &((n, c, h, w), cout, k, s, r, fixed) in cases {
             let geom = if fixed {
@@ -775,24 +781,28 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
                 assert_close(&ours, &theirs, 1e-5, &format!("{what} vs candle"))?;
             }
         }
-        // Winograd with asymmetric padding (none above, two rows below; two columns left).
-        let geom = Conv2dGeometry {
-            padding: Padding2d {
-                top: 0,
-                bottom: 2,
-                left: 2,
-                right: 0,
-            },
-            ..Conv2dGeometry::default()
-        };
-        let x = seeded_uniform(&[1, 32, 11, 14], 36, &dev)?;
-        let wt = (seeded_uniform(&[32, 32, 3, 3], 37, &dev)? * 0.5)?;
-        compare_op(
-            &[x, wt],
-            &|t| conv2d(&t[0], &t[1], None, &geom, 1),
-            &|t| reference::conv2d(&t[0], &t[1], None, &geom),
-            "winograd conv2d with asymmetric padding",
-        )?;
+        // Winograd with asymmetric padding (none above, two rows below; two columns left),
+        // undilated and with different rates per axis.
+        for dilation in [(1, 1), (2, 3)] {
+            let geom = Conv2dGeometry {
+                padding: Padding2d {
+                    top: 0,
+                    bottom: 2 * dilation.0,
+                    left: 2 * dilation.1,
+                    right: 0,
+                },
+                dilation,
+                ..Conv2dGeometry::default()
+            };
+            let x = seeded_uniform(&[1, 32, 11, 14], 36, &dev)?;
+            let wt = (seeded_uniform(&[32, 32, 3, 3], 37, &dev)? * 0.5)?;
+            compare_op(
+                &[x, wt],
+                &|t| conv2d(&t[0], &t[1], None, &geom, 1),
+                &|t| reference::conv2d(&t[0], &t[1], None, &geom),
+                &format!("winograd conv2d with asymmetric padding, dilation {dilation:?}"),
+            )?;
+        }
         // An input that needs no gradient (the stem's image) gets none computed; the weight
         // gradient is still right.
         let x = seeded_uniform(&[2, 3, 17, 23], 34, &dev)?;
