@@ -491,3 +491,83 @@ fn write_row(
             .for_each(|(v, r)| *v = act.scalar(v.mul_add(s, t) + r)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::{Conv2dGeometry, Padding2d};
+    use candle_core::{Device, Tensor};
+
+    /// The Winograd path itself (whatever `conv2d` would pick) against the reference
+    /// composition: rates 1-6, different rates per axis, asymmetric padding, maps where a
+    /// phase holds a single output, with and without the epilogue and a residual; every
+    /// output element written.
+    #[test]
+    fn matches_the_reference_for_any_rate() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let pad = |t, b, l, r| Padding2d {
+            top: t,
+            bottom: b,
+            left: l,
+            right: r,
+        };
+        let cases = [
+            ((9, 11), (1, 1), pad(1, 1, 1, 1)),
+            ((17, 23), (2, 2), pad(2, 2, 2, 2)),
+            ((20, 17), (3, 3), pad(3, 3, 3, 3)),
+            ((13, 14), (2, 3), pad(0, 4, 6, 0)),
+            ((7, 12), (5, 4), pad(5, 5, 4, 4)),
+            ((33, 33), (6, 6), pad(6, 6, 6, 6)),
+        ];
+        for (i, ((h, w), dilation, padding)) in cases.into_iter().enumerate() {
+            let (cin, cout) = (32, 33);
+            let geom = Conv2dGeometry {
+                stride: (1, 1),
+                dilation,
+                padding,
+            };
+            let x = crate::reference::seeded_uniform(&[1, cin, h, w], 10 + i as u64, &dev)?;
+            let k = crate::reference::seeded_uniform(&[cout, cin, 3, 3], 20 + i as u64, &dev)?;
+            let want = crate::reference::conv2d(&x, &k, None, &geom)?;
+            let p = Patches::new((h, w), (3, 3), &geom)?;
+            assert!(eligible(&p, cin, cout));
+            let (xs, ks) = (
+                x.flatten_all()?.to_vec1::<f32>()?,
+                k.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let res = crate::reference::seeded_uniform(want.dims(), 30 + i as u64, &dev)?;
+            let rs = res.flatten_all()?.to_vec1::<f32>()?;
+            let scale: Vec<f32> = (0..cout).map(|o| 0.5 + o as f32 / cout as f32).collect();
+            let shift: Vec<f32> = (0..cout).map(|o| o as f32 / 10.0 - 1.0).collect();
+            for with_epilogue in [false, true] {
+                let mut out = vec![f32::NAN; cout * p.ho * p.wo];
+                let epi = with_epilogue.then_some((&scale[..], &shift[..], Activation::Relu));
+                let r = with_epilogue.then_some(&rs[..]);
+                // SAFETY: `out` holds the whole output, `rs` a residual of the same size.
+                unsafe { forward(&xs, (cin, cout), &ks, &p, epi, r, out.as_mut_ptr()) };
+                let want = if with_epilogue {
+                    let s = Tensor::new(&scale[..], &dev)?.reshape((1, cout, 1, 1))?;
+                    let t = Tensor::new(&shift[..], &dev)?.reshape((1, cout, 1, 1))?;
+                    (want.broadcast_mul(&s)?.broadcast_add(&t)? + &res)?.relu()?
+                } else {
+                    want.clone()
+                };
+                assert!(
+                    out.iter().all(|v| v.is_finite()),
+                    "case {i}: an output element was not written"
+                );
+                let want = want.flatten_all()?.to_vec1::<f32>()?;
+                let scale_max = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                let err = out
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err <= 1e-5 * scale_max,
+                    "case {i} ({h}x{w}, rate {dilation:?}, epilogue {with_epilogue}): error {err}"
+                );
+            }
+        }
+        Ok(())
+    }
+}

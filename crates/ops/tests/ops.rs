@@ -748,8 +748,9 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
             ((2, 32, 17, 23), 40, 3, 1, 1, false),
             ((1, 33, 8, 9), 32, 3, 1, 1, false),
             ((1, 64, 65, 66), 48, 3, 1, 1, false),
-            // Dilated Winograd, phase by phase: rates 2 and 3 (SAME and fixed padding), a rate
-            // whose phases hold one or two outputs each, and odd/even map sizes.
+            // Atrous 3x3 convs with >= 32 channels: Winograd by phases (rate 2, SAME and fixed
+            // padding) or, by the multiply count, rectangles (rates 3 and 6 on these maps);
+            // `winograd::tests` runs the Winograd path itself at every rate.
             ((2, 32, 17, 23), 32, 3, 1, 2, false),
             ((1, 33, 33, 31), 40, 3, 1, 2, true),
             ((1, 32, 20, 17), 32, 3, 1, 3, false),
