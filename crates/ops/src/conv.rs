@@ -345,8 +345,12 @@ fn forward_regions(
             for &(x0, x1, kx0, kx1) in &xs {
                 let (ntx, nty, nx) = (kx1 - kx0, ky1 - ky0, x1 - x0);
                 let kr = nty * ntx * cin;
-                // Row chunks of the rectangle whose patch matrix fits CHUNK_ELEMS.
-                let rows = (CHUNK_ELEMS / (kr * nx).max(1)).max(1);
+                // Even row chunks of the rectangle whose patch matrices fit CHUNK_ELEMS (an
+                // uneven split left a one-row product of 21 columns for the rate-6 ASPP branch).
+                let chunks = (kr * nx * (y1 - y0))
+                    .div_ceil(CHUNK_ELEMS)
+                    .clamp(1, y1 - y0);
+                let rows = (y1 - y0).div_ceil(chunks);
                 for r0 in (y0..y1).step_by(rows) {
                     let r1 = (r0 + rows).min(y1);
                     let npx = (r1 - r0) * nx;
