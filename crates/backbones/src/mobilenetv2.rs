@@ -287,16 +287,6 @@ impl PaddedConv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.geometry(hw(x)?);
-        let detail = || {
-            format!(
-                "{}x{} s{} d{} {}",
-                self.k,
-                self.k,
-                self.stride,
-                self.dilation,
-                deeplab_ops::profile::dims(x)
-            )
-        };
         if let Some(e) = &self.epilogue {
             return if self.depthwise {
                 e.depthwise_conv2d(x, &self.weight, &g, false)
@@ -305,11 +295,21 @@ impl PaddedConv {
             };
         }
         if self.depthwise {
+            let detail = || {
+                format!(
+                    "{}x{} s{} d{} {}",
+                    self.k,
+                    self.k,
+                    self.stride,
+                    self.dilation,
+                    deeplab_ops::profile::dims(x)
+                )
+            };
             deeplab_ops::profile::record("depthwise", detail, || {
                 depthwise_conv2d(x, &self.weight, &g)
             })
         } else {
-            deeplab_ops::profile::record("conv kxk", detail, || {
+            deeplab_ops::profile::record_conv(["conv 1x1", "conv kxk"], x, &self.weight, &g, || {
                 conv2d(x, &self.weight, None, &g, 1)
             })
         }

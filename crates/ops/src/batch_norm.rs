@@ -869,6 +869,31 @@ impl CustomOp3 for ChannelAffine {
     }
 }
 
+/// The fused epilogue on one row of an output, in place: `row = act(row.mul_add(s, t) (+ res))`,
+/// the same bits as [`channel_affine`] without activation, an add and the activation as
+/// separate passes. Inlined into the caller's vectorized (multiversioned) context.
+#[inline(always)]
+pub(crate) fn epilogue_row(
+    row: &mut [f32],
+    (s, t): (f32, f32),
+    act: Activation,
+    res: Option<&[f32]>,
+) {
+    match res {
+        None => match act {
+            Activation::None => row.iter_mut().for_each(|v| *v = v.mul_add(s, t)),
+            Activation::Relu => row.iter_mut().for_each(|v| *v = v.mul_add(s, t).max(0.0)),
+            Activation::Relu6 => row
+                .iter_mut()
+                .for_each(|v| *v = v.mul_add(s, t).clamp(0.0, 6.0)),
+        },
+        Some(r) => row
+            .iter_mut()
+            .zip(r)
+            .for_each(|(v, r)| *v = act.scalar(v.mul_add(s, t) + r)),
+    }
+}
+
 /// `act(x * scale[c] + shift[c])` for an NCHW tensor in one pass, differentiable in all three
 /// inputs.
 pub fn channel_affine(

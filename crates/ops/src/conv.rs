@@ -13,16 +13,18 @@
 //! less arithmetic: 3x3 stride-1 convolutions (any dilation) with at least 32 channels on both
 //! sides run as Winograd F(2x2, 3x3) (`crate::winograd`) where that saves enough multiplies, and
 //! other convolutions with more than 15% of their tap reads in the zero padding (large atrous
-//! rates on small maps) by output rectangles that skip those taps ([`forward_regions`]). 1x1 stride-1 unpadded convolutions of f32 CPU
-//! tensors skip im2col: one product per image (see [`crate::pointwise`]); other devices and
-//! dtypes run them as one batched candle matmul. Grouped convolutions, f64 and
-//! other devices use candle's conv2d. candle 0.11's conv2d backward derives the transposed
-//! convolution's output padding from the height alone, so a strided convolution of an input
-//! whose height and width leave different remainders gets a wrong input gradient. That path
+//! rates on small maps) by output rectangles that skip those taps ([`forward_regions`]). 1x1
+//! stride-1 unpadded convolutions of f32 CPU tensors skip im2col: one product per image (see
+//! [`crate::pointwise`]); other devices and dtypes run them as one batched candle matmul.
+//! Grouped convolutions, f64 and other devices use candle's conv2d. candle 0.11's conv2d
+//! backward derives the transposed convolution's output padding from the height alone, so a
+//! strided convolution of an input whose height and width leave different remainders gets a
+//! wrong input gradient. That path
 //! pads explicitly and then crops the input to exactly the extent the kernel windows cover, so
 //! candle's output padding is zero on both axes and its backward is exact. Uncovered rows and
 //! columns get zero gradient through the crop.
 
+use crate::batch_norm::epilogue_row;
 use crate::cpu::{f32_slice, threads, Ptr};
 use crate::geometry::Conv2dGeometry;
 use crate::im2col::{col2im, fill_rows, im2col, Patches};
@@ -181,15 +183,12 @@ pub(crate) fn forward_f32(
     let (kk, l, hw) = (cin * p.taps(), p.ho * p.wo, h * wd);
     let total = n * cout * l;
     if total == 0 || kk == 0 {
+        // No input channels: the product is zero, the epilogue still applies.
         let mut out = vec![0f32; total];
         if let (Some((s, t, act)), false) = (epi, out.is_empty()) {
-            let r = residual.map(|(r, _)| r);
-            for (i, o) in out.chunks_mut(l).enumerate() {
-                let c = i % cout;
-                for (j, o) in o.iter_mut().enumerate() {
-                    let v = o.mul_add(s[c], t[c]) + r.map_or(0.0, |r| r[i * l + j]);
-                    *o = act.scalar(v);
-                }
+            for (i, row) in out.chunks_mut(l).enumerate() {
+                let r = residual.map(|(r, _)| &r[i * l..(i + 1) * l]);
+                epilogue_row(row, (s[i % cout], t[i % cout]), act, r);
             }
         }
         return Ok((out, shape));
@@ -304,8 +303,8 @@ const REGIONS_MIN_PADDING: f64 = 0.15;
 /// A 3x3 stride-1 convolution runs as Winograd F(2x2, 3x3) when that does at most this share of
 /// the direct path's multiplies (its transforms cost the rest): undilated and rate-2 convs on
 /// DeepLab's maps do 0.45-0.47; ResNet's rate-6 ASPP branch on 33x33 would do 0.69 of the
-/// rectangles' and measured slower on Winograd (42 vs 35 ms: the transforms of 2048 input
-/// channels for few tiles), its rates 12 and 18 more than the direct path.
+/// rectangles' and measured slower on Winograd (36-38 vs 34-35 ms in alternating runs: the
+/// transforms of 2048 input channels for few tiles), its rates 12 and 18 more than the direct path.
 const WINOGRAD_MAX_SHARE: f64 = 0.6;
 
 /// A convolution whose taps often fall in the zero padding (large atrous rates on small maps)
@@ -373,9 +372,9 @@ fn forward_regions(
                     tmp.reserve(cout * npx);
                     // Whole kernel rows are contiguous in the tap-major weights: one product;
                     // otherwise one per kernel row, accumulated.
-                    let parts = if ntx == p.kw { 1 } else { nty };
-                    let kp = kr / parts.max(1);
-                    for part in 0..parts.max(1) {
+                    let parts = if ntx == p.kw { 1 } else { nty.max(1) };
+                    let kp = kr / parts;
+                    for part in 0..parts {
                         let a0 = ((ky0 + part) * p.kw + kx0) * cin;
                         // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`,
                         // columns from the part's first tap), `B` the part's `kp` rows of the
@@ -406,15 +405,10 @@ fn forward_regions(
                             let dst = unsafe {
                                 std::slice::from_raw_parts_mut(out_ptr.get().add(at), nx)
                             };
-                            match epi {
-                                Some((s, t, act)) => {
-                                    let r = residual.map(|r| &r[at..at + nx]);
-                                    for (j, (d, &v)) in dst.iter_mut().zip(src).enumerate() {
-                                        let y = v.mul_add(s[o], t[o]);
-                                        *d = act.scalar(r.map_or(y, |r| y + r[j]));
-                                    }
-                                }
-                                None => dst.copy_from_slice(src),
+                            dst.copy_from_slice(src);
+                            if let Some((s, t, act)) = epi {
+                                let r = residual.map(|r| &r[at..at + nx]);
+                                multiversion!(|| epilogue_row(dst, (s[o], t[o]), act, r));
                             }
                         }
                     });

@@ -122,9 +122,7 @@ impl Conv2d {
         c.conv(out, (kh, kw), cin_g, cout, self.geom.dilation);
         Ok(out)
     }
-}
 
-impl Conv2d {
     /// `act(self.forward(x) + residual)`, a residual block's last convolution, add and
     /// activation: with a folded BatchNorm that has no activation of its own (and f32 CPU
     /// tensors, one group) the add and `act` happen in the product's epilogue, otherwise as
@@ -242,9 +240,7 @@ impl DepthwiseConv2d {
         c.conv(out, (kh, kw), 1, ch, self.geom.dilation);
         Ok(out)
     }
-}
 
-impl DepthwiseConv2d {
     /// `depthwise(relu(x))` (Xception's ReLU before a separable convolution) without a folded
     /// BatchNorm: on f32 CPU tensors one fused op whose kernels apply the ReLU as they read
     /// (no `relu(x)` tensor, one graph node); elsewhere the ReLU, then [`Module::forward`].

@@ -23,7 +23,7 @@
 //! [`crate::channel_affine`] gives on the plain product. Without AVX-512 (or with
 //! `DEEPLAB_NO_AVX512` set) it calls the `gemm` crate and applies the epilogue after.
 
-use crate::batch_norm::Activation;
+use crate::batch_norm::{epilogue_row, Activation};
 use crate::cpu::Ptr;
 use candle_core::{bail, Result};
 use std::cell::Cell;
@@ -390,24 +390,11 @@ pub(crate) unsafe fn sgemm_raw_ex(
     }
 }
 
-/// Row `i` of `C` through the epilogue: `row = act(row * s + t (+ residual row))`, vectorized
-/// for the CPU at hand.
+/// Row `i` of `C` through the epilogue ([`crate::batch_norm::epilogue_row`]), vectorized for
+/// the CPU at hand.
 fn apply_row(row: &mut [f32], e: &RowEpilogue<'_>, i: usize, ldc: usize) {
-    let (s, t, act) = (e.scale[i], e.shift[i], e.act);
     let res = e.residual.map(|r| &r[i * ldc..i * ldc + row.len()]);
-    multiversion!(|| match res {
-        None => match act {
-            Activation::None => row.iter_mut().for_each(|v| *v = v.mul_add(s, t)),
-            Activation::Relu => row.iter_mut().for_each(|v| *v = v.mul_add(s, t).max(0.0)),
-            Activation::Relu6 => row
-                .iter_mut()
-                .for_each(|v| *v = v.mul_add(s, t).clamp(0.0, 6.0)),
-        },
-        Some(r) => row
-            .iter_mut()
-            .zip(r)
-            .for_each(|(v, r)| *v = act.scalar(v.mul_add(s, t) + r)),
-    });
+    multiversion!(|| epilogue_row(row, (e.scale[i], e.shift[i]), e.act, res));
 }
 
 thread_local! {

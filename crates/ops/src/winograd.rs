@@ -18,7 +18,7 @@
 //! 3.9e-7 for a direct f32 sum (test `winograd_accuracy_against_f64`). The folded and unfolded
 //! paths both use it, so folding still changes no bit.
 
-use crate::batch_norm::Activation;
+use crate::batch_norm::{epilogue_row, Activation};
 use crate::cpu::Ptr;
 use crate::im2col::Patches;
 use crate::sgemm::{sgemm_raw_ex, RawOperand};
@@ -478,17 +478,8 @@ fn write_row(
             }
         }
     }
-    let Some((s, t, act)) = epi else { return };
-    match (res, act) {
-        (None, Activation::None) => dst.iter_mut().for_each(|v| *v = v.mul_add(s, t)),
-        (None, Activation::Relu) => dst.iter_mut().for_each(|v| *v = v.mul_add(s, t).max(0.0)),
-        (None, Activation::Relu6) => dst
-            .iter_mut()
-            .for_each(|v| *v = v.mul_add(s, t).clamp(0.0, 6.0)),
-        (Some(r), act) => dst
-            .iter_mut()
-            .zip(r)
-            .for_each(|(v, r)| *v = act.scalar(v.mul_add(s, t) + r)),
+    if let Some((s, t, act)) = epi {
+        epilogue_row(dst, (s, t), act, res);
     }
 }
 
