@@ -37,6 +37,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (256, 2304, 1089, false, false, "fwd"),
         (2048, 1536, 1089, false, false, "fwd"),
         (256, 256, 16641, false, false, "fwd"),
+        // ResNet-101's bottleneck 1x1 convs at 33x33 (conv3 expand, conv1 reduce).
+        (1024, 256, 1089, false, false, "fwd"),
+        (256, 1024, 1089, false, false, "fwd"),
         // MobileNetV2 at output stride 8 (65x65 maps): small expand / project depths.
         (960, 160, 4225, false, false, "fwd"),
         (160, 960, 4225, false, false, "fwd"),

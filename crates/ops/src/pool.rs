@@ -45,6 +45,62 @@ impl MaxPool {
         }
         best
     }
+
+    /// The pooled plane `p` (`h x w`) into `o` (`ho x wo`): output `(oy, ox)` is the input at
+    /// [`Self::argmax`] (0 for a window wholly in the padding), bit for bit. The columns whose
+    /// taps all lie inside the row run tap by tap over a whole output row (no per-tap bounds
+    /// checks: each tap's update is a compare-and-select along the row, in window order); the
+    /// few edge columns go through `argmax`.
+    fn forward_plane(&self, p: &[f32], (h, w): (usize, usize), o: &mut [f32], wo: usize) {
+        let g = &self.geom;
+        let (kh, kw) = self.kernel;
+        let (s, d, pl) = (g.stride.1, g.dilation.1, g.padding.left);
+        // Interior columns `lo..hi`: `ox * s >= pl` and `ox * s + (kw - 1) * d - pl < w`.
+        let lo = pl.div_ceil(s).min(wo);
+        let hi = match (w + pl).checked_sub((kw - 1) * d + 1) {
+            Some(last) => (last / s + 1).clamp(lo, wo),
+            None => lo,
+        };
+        for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
+            for ox in (0..lo).chain(hi..wo) {
+                let i = self.argmax(p, h, w, oy, ox);
+                orow[ox] = if i == usize::MAX { 0.0 } else { p[i] };
+            }
+            if lo == hi {
+                continue;
+            }
+            let acc = &mut orow[lo..hi];
+            let mut first = true;
+            for ky in 0..kh {
+                let Some(iy) = (oy * g.stride.0 + ky * g.dilation.0)
+                    .checked_sub(g.padding.top)
+                    .filter(|&y| y < h)
+                else {
+                    continue;
+                };
+                let row = &p[iy * w..(iy + 1) * w];
+                for kx in 0..kw {
+                    let taps = row[lo * s + kx * d - pl..].iter().step_by(s);
+                    if first {
+                        for (a, &v) in acc.iter_mut().zip(taps) {
+                            *a = v;
+                        }
+                        first = false;
+                    } else {
+                        for (a, &v) in acc.iter_mut().zip(taps) {
+                            // `argmax`'s rule: a larger value, or the first NaN, takes over.
+                            if v > *a || (v.is_nan() && !a.is_nan()) {
+                                *a = v;
+                            }
+                        }
+                    }
+                }
+            }
+            if first {
+                acc.fill(0.0);
+            }
+        }
+    }
 }
 
 impl CustomOp1 for MaxPool {
@@ -61,12 +117,7 @@ impl CustomOp1 for MaxPool {
             .enumerate()
             .for_each(|(plane, o)| {
                 let p = &x[plane * h * w..(plane + 1) * h * w];
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        let i = self.argmax(p, h, w, oy, ox);
-                        o[oy * wo + ox] = if i == usize::MAX { 0.0 } else { p[i] };
-                    }
-                }
+                multiversion!(|| self.forward_plane(p, (h, w), o, wo));
             });
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
@@ -146,5 +197,64 @@ pub fn max_pool2d(x: &Tensor, kernel: (usize, usize), geom: &Conv2dGeometry) -> 
             .apply_op1(op)?
             .to_dtype(x.dtype()),
         dt => bail!("max_pool2d: unsupported dtype {dt:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::Padding2d;
+
+    /// The row-wise forward gives, bit for bit, the value at `argmax` of every window, for
+    /// strides, dilations and asymmetric paddings, with NaNs, signed zeros and ties.
+    #[test]
+    fn forward_rows_match_argmax() {
+        let specials = [f32::NAN, -0.0, 0.0, 1.5, 1.5, -f32::INFINITY];
+        for (h, w) in [(9, 11), (8, 8), (1, 5), (5, 2), (13, 31)] {
+            for (kernel, stride, dilation, (t, b, l, r)) in [
+                ((3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),
+                ((3, 3), (1, 1), (1, 1), (0, 0, 0, 0)),
+                ((3, 2), (1, 2), (2, 1), (2, 0, 0, 1)),
+                ((2, 3), (3, 2), (1, 3), (1, 1, 2, 0)),
+            ] {
+                let geom = Conv2dGeometry {
+                    stride,
+                    dilation,
+                    padding: Padding2d {
+                        top: t,
+                        bottom: b,
+                        left: l,
+                        right: r,
+                    },
+                };
+                let Ok((ho, wo)) = geom.output_size((h, w), kernel) else {
+                    continue;
+                };
+                let pool = MaxPool { kernel, geom };
+                let p: Vec<f32> = (0..h * w)
+                    .map(|i| {
+                        let z = (i as u32).wrapping_mul(2_654_435_761) >> 7;
+                        if z.is_multiple_of(5) {
+                            specials[(z / 5) as usize % specials.len()]
+                        } else {
+                            (z % 1000) as f32 / 100.0 - 5.0
+                        }
+                    })
+                    .collect();
+                let mut o = vec![f32::NAN; ho * wo];
+                pool.forward_plane(&p, (h, w), &mut o, wo);
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let i = pool.argmax(&p, h, w, oy, ox);
+                        let want = if i == usize::MAX { 0.0 } else { p[i] };
+                        assert_eq!(
+                            o[oy * wo + ox].to_bits(),
+                            want.to_bits(),
+                            "{h}x{w} {kernel:?} {geom:?} at ({oy}, {ox})"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
