@@ -209,15 +209,18 @@ pub(crate) fn forward_f32(
     let share = if pointwise { 0.0 } else { p.padding_share() };
     let regions = share > REGIONS_MIN_PADDING;
     let direct = (l * p.taps()) as f64 * if regions { 1.0 - share } else { 1.0 };
-    let winograd = !pointwise
-        && crate::winograd::eligible(&p, cin, cout)
-        && (crate::winograd::products(&p) as f64) < WINOGRAD_MAX_SHARE * direct;
-    if winograd {
+    let tile = winograd_tile(&p, (cin, cout), direct);
+    if tile > 0 {
+        let forward = if tile == 4 {
+            crate::winograd::f4::forward
+        } else {
+            crate::winograd::forward
+        };
         for b in 0..n {
             // SAFETY: image `b`'s `cout * l` outputs lie inside `out`'s capacity, and the
             // residual (same shape as the output) holds image `b`'s values at the same offset.
             unsafe {
-                crate::winograd::forward(
+                forward(
                     &x[b * cin * hw..(b + 1) * cin * hw],
                     (cin, cout),
                     k,
@@ -306,6 +309,39 @@ const REGIONS_MIN_PADDING: f64 = 0.15;
 /// rectangles' and measured slower on Winograd (36-38 vs 34-35 ms in alternating runs: the
 /// transforms of 2048 input channels for few tiles), its rates 12 and 18 more than the direct path.
 const WINOGRAD_MAX_SHARE: f64 = 0.6;
+
+/// F(4x4, 3x3) replaces F(2x2, 3x3) when it does at most this share of its multiplies (33x33
+/// maps: 0.63, 129x129: 0.58; ResNet's rate-6 ASPP on 33x33: 1.0, its phases too short for
+/// 4-output tiles) ...
+const WINOGRAD4_MAX_SHARE: f64 = 0.8;
+
+/// ... and its rows of tiles are at least this long per phase: its transforms run along them,
+/// and on short rows they cost more than the products save. (ResNet-101, alternating runs:
+/// the decoder's 3x3 convs at 129x129, 33 tiles a row, 36 -> 27 ms and 30 -> 23 ms; layer2 at
+/// 65x65, 17 tiles, 8 -> 9 ms; layer3 at 33x33, 9 tiles, no change.)
+const WINOGRAD4_MIN_ROW_TILES: usize = 24;
+
+/// The Winograd tile for a convolution (0: direct), given the direct path's multiplies per
+/// channel pair.
+fn winograd_tile(p: &Patches, (cin, cout): (usize, usize), direct: f64) -> usize {
+    let max = crate::winograd::max_tile();
+    if max == 0 || !crate::winograd::eligible(p, cin, cout) {
+        return 0;
+    }
+    let two = crate::winograd::products(p) as f64;
+    let four = crate::winograd::f4::products(p) as f64;
+    if max == 4
+        && crate::winograd::f4::row_tiles(p) >= WINOGRAD4_MIN_ROW_TILES
+        && four <= WINOGRAD4_MAX_SHARE * two
+        && four < WINOGRAD_MAX_SHARE * direct
+    {
+        4
+    } else if two < WINOGRAD_MAX_SHARE * direct {
+        2
+    } else {
+        0
+    }
+}
 
 /// A convolution whose taps often fall in the zero padding (large atrous rates on small maps)
 /// without multiplying those zeros: the output is split into rectangles inside which the same
@@ -737,5 +773,43 @@ pub fn conv2d(
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?),
         None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::Conv2dGeometry;
+
+    /// The dispatcher's Winograd tile on DeepLab's 3x3 shapes: F(4x4) on the 129x129 decoder
+    /// maps, F(2x2) on 33x33 and 65x65 maps and rate-2 convs, neither on the ASPP's large rates,
+    /// strided convs or few channels.
+    #[test]
+    fn winograd_tile_per_shape() -> Result<()> {
+        if std::env::var_os("DEEPLAB_WINOGRAD").is_some() {
+            return Ok(());
+        }
+        let tile = |size: usize, rate: usize, stride: usize, (cin, cout)| -> Result<usize> {
+            let geom = Conv2dGeometry::deeplab(3, stride, rate);
+            let p = Patches::new((size, size), (3, 3), &geom)?;
+            let share = p.padding_share();
+            let direct = (p.ho * p.wo * p.taps()) as f64
+                * if share > REGIONS_MIN_PADDING {
+                    1.0 - share
+                } else {
+                    1.0
+                };
+            Ok(winograd_tile(&p, (cin, cout), direct))
+        };
+        assert_eq!(tile(129, 1, 1, (304, 256))?, 4);
+        assert_eq!(tile(129, 1, 1, (64, 64))?, 4);
+        assert_eq!(tile(65, 1, 1, (128, 128))?, 2);
+        assert_eq!(tile(33, 1, 1, (256, 256))?, 2);
+        assert_eq!(tile(33, 2, 1, (512, 512))?, 2);
+        assert_eq!(tile(33, 6, 1, (2048, 256))?, 0);
+        assert_eq!(tile(33, 18, 1, (2048, 256))?, 0);
+        assert_eq!(tile(129, 1, 2, (256, 256))?, 0);
+        assert_eq!(tile(129, 1, 1, (16, 256))?, 0);
+        Ok(())
     }
 }

@@ -24,6 +24,21 @@ use crate::im2col::Patches;
 use crate::sgemm::{sgemm_raw_ex, RawOperand};
 use rayon::prelude::*;
 
+pub(crate) mod f4;
+
+/// The largest Winograd tile the dispatcher may pick: 4 (F(4x4, 3x3) where it saves enough
+/// over F(2x2, 3x3)) unless the environment variable `DEEPLAB_WINOGRAD` says `2` (F(2x2, 3x3)
+/// at most: its rounding is closer to a direct sum's) or `off` (direct sums only).
+pub(crate) fn max_tile() -> usize {
+    use std::sync::OnceLock;
+    static T: OnceLock<usize> = OnceLock::new();
+    *T.get_or_init(|| match std::env::var("DEEPLAB_WINOGRAD").as_deref() {
+        Ok("off") | Ok("0") => 0,
+        Ok("2") => 2,
+        _ => 4,
+    })
+}
+
 /// The most tiles per block: the block's transformed input (`16 x Cin x tiles`) and products
 /// (`16 x Cout x tiles`) are a few MiB for the channel counts of DeepLab's 3x3 convolutions.
 const TILES_MAX: usize = 480;
@@ -43,30 +58,34 @@ pub(crate) fn eligible(p: &Patches, cin: usize, cout: usize) -> bool {
 pub(crate) fn products(p: &Patches) -> usize {
     let (dy, dx) = p.dilations();
     let (pt, pl) = p.pad_top_left();
-    16 * Axis::new(dy, pt, p.ho).tiles * Axis::new(dx, pl, p.wo).tiles
+    16 * Axis::new(2, dy, pt, p.ho).tiles * Axis::new(2, dx, pl, p.wo).tiles
 }
 
-/// The output tiles along one axis. With dilation `d` the outputs split into `d` phases
-/// (`o mod d`); tile `k` of phase `ph` covers outputs `ph + 2 d k` and `ph + 2 d k + d` and reads
-/// inputs `ph + 2 d k - pad + d c`, `c = 0..4`: an undilated F(2, 3) tile on that phase's
-/// subgrid. Tiles are listed phase by phase.
-struct Axis {
-    d: usize,
+/// The output tiles of `m` outputs along one axis (`m` = 2 for F(2x2, 3x3), 4 for F(4x4,
+/// 3x3)). With dilation `d` the outputs split into `d` phases (`o mod d`); tile `k` of phase
+/// `ph` covers outputs `ph + m d k + d j`, `j = 0..m`, and reads inputs `ph + m d k - pad + d c`,
+/// `c = 0..m + 2`: an undilated F(m, 3) tile on that phase's subgrid. Tiles are listed phase by
+/// phase. The transforms read a tile row's inputs from `m` arrays per phase (input `c` of tile
+/// `k` is entry `k + c / m` of array `c mod m`), each of `tiles + 1` entries.
+pub(crate) struct Axis {
+    /// Outputs per tile.
+    pub(crate) m: usize,
+    pub(crate) d: usize,
     pad: usize,
-    /// Per phase: (tiles, index of its first tile, offset of its even/odd input arrays, which
-    /// hold `tiles + 1` entries each).
-    phases: Vec<(usize, usize, usize)>,
-    tiles: usize,
-    /// Entries of the even (and of the odd) input arrays over all phases.
-    inputs: usize,
+    /// Per phase: (tiles, index of its first tile, offset of its input arrays, which hold
+    /// `tiles + 1` entries each).
+    pub(crate) phases: Vec<(usize, usize, usize)>,
+    pub(crate) tiles: usize,
+    /// Entries of each input array over all phases.
+    pub(crate) inputs: usize,
 }
 
 impl Axis {
-    fn new(d: usize, pad: usize, out: usize) -> Self {
+    pub(crate) fn new(m: usize, d: usize, pad: usize, out: usize) -> Self {
         let (mut tiles, mut inputs) = (0, 0);
         let phases = (0..d)
             .map(|ph| {
-                let count = out.saturating_sub(ph).div_ceil(2 * d);
+                let count = out.saturating_sub(ph).div_ceil(m * d);
                 let entry = (count, tiles, inputs);
                 tiles += count;
                 inputs += count + 1;
@@ -74,6 +93,7 @@ impl Axis {
             })
             .collect();
         Self {
+            m,
             d,
             pad,
             phases,
@@ -83,7 +103,7 @@ impl Axis {
     }
 
     /// (phase, tile within the phase) of tile `i`.
-    fn tile(&self, i: usize) -> (usize, usize) {
+    pub(crate) fn tile(&self, i: usize) -> (usize, usize) {
         for (ph, &(count, first, _)) in self.phases.iter().enumerate() {
             if i < first + count {
                 return (ph, i - first);
@@ -92,10 +112,15 @@ impl Axis {
         unreachable!("tile {i} of {}", self.tiles)
     }
 
-    /// Input coordinate `c` (0..4) of tile `k` of phase `ph` (negative or past the input in the
-    /// padding).
-    fn input(&self, ph: usize, k: usize, c: usize) -> isize {
-        (ph + 2 * self.d * k + self.d * c) as isize - self.pad as isize
+    /// Input coordinate `c` (0..m + 2) of tile `k` of phase `ph` (negative or past the input in
+    /// the padding).
+    pub(crate) fn input(&self, ph: usize, k: usize, c: usize) -> isize {
+        (ph + self.m * self.d * k + self.d * c) as isize - self.pad as isize
+    }
+
+    /// Output coordinate `j` (0..m) of tile `k` of phase `ph` (possibly past the output).
+    pub(crate) fn output(&self, ph: usize, k: usize, j: usize) -> usize {
+        ph + self.m * self.d * k + self.d * j
     }
 }
 
@@ -304,7 +329,7 @@ pub(crate) unsafe fn forward(
     let (h, w, ho, wo) = (p.h, p.w, p.ho, p.wo);
     let (pt, pl) = p.pad_top_left();
     let (dy, dx) = p.dilations();
-    let (rows_axis, cols) = (Axis::new(dy, pt, ho), Axis::new(dx, pl, wo));
+    let (rows_axis, cols) = (Axis::new(2, dy, pt, ho), Axis::new(2, dx, pl, wo));
     let (th, tw) = (rows_axis.tiles, cols.tiles);
     if th == 0 || tw == 0 {
         return;
@@ -509,7 +534,20 @@ mod tests {
             ((13, 14), (2, 3), pad(0, 4, 6, 0)),
             ((7, 12), (5, 4), pad(5, 5, 4, 4)),
             ((33, 33), (6, 6), pad(6, 6, 6, 6)),
+            ((33, 33), (1, 1), pad(1, 1, 1, 1)),
+            ((3, 5), (1, 1), pad(1, 1, 1, 1)),
+            ((37, 9), (2, 1), pad(2, 2, 0, 3)),
         ];
+        type Forward = unsafe fn(
+            &[f32],
+            (usize, usize),
+            &[f32],
+            &Patches,
+            Option<(&[f32], &[f32], Activation)>,
+            Option<&[f32]>,
+            *mut f32,
+        );
+        let paths: [(&str, Forward); 2] = [("F(2x2)", forward), ("F(4x4)", f4::forward)];
         for (i, ((h, w), dilation, padding)) in cases.into_iter().enumerate() {
             let (cin, cout) = (32, 33);
             let geom = Conv2dGeometry {
@@ -530,7 +568,9 @@ mod tests {
             let rs = res.flatten_all()?.to_vec1::<f32>()?;
             let scale: Vec<f32> = (0..cout).map(|o| 0.5 + o as f32 / cout as f32).collect();
             let shift: Vec<f32> = (0..cout).map(|o| o as f32 / 10.0 - 1.0).collect();
-            for with_epilogue in [false, true] {
+            for ((name, forward), with_epilogue) in
+                paths.into_iter().flat_map(|f| [(f, false), (f, true)])
+            {
                 let mut out = vec![f32::NAN; cout * p.ho * p.wo];
                 let epi = with_epilogue.then_some((&scale[..], &shift[..], Activation::Relu));
                 let r = with_epilogue.then_some(&rs[..]);
@@ -545,7 +585,7 @@ mod tests {
                 };
                 assert!(
                     out.iter().all(|v| v.is_finite()),
-                    "case {i}: an output element was not written"
+                    "{name} case {i}: an output element was not written"
                 );
                 let want = want.flatten_all()?.to_vec1::<f32>()?;
                 let scale_max = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
@@ -555,10 +595,68 @@ mod tests {
                     .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 assert!(
                     err <= 1e-5 * scale_max,
-                    "case {i} ({h}x{w}, rate {dilation:?}, epilogue {with_epilogue}): error {err}"
+                    "{name} case {i} ({h}x{w}, rate {dilation:?}, epilogue {with_epilogue}): error {err}"
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Rounding against an f64 computation, relative to the output's largest magnitude, on a
+    /// ResNet-like convolution (128 -> 64 channels, Kaiming-scaled weights, inputs in [0, 1) as
+    /// after a ReLU): F(2x2, 3x3) within 4x the error of a direct f32 sum, F(4x4, 3x3) within
+    /// 16x (prints all three).
+    #[test]
+    fn accuracy_against_f64() -> candle_core::Result<()> {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let (cin, cout, h, w) = (128, 64, 40, 37);
+        let x = ((crate::reference::seeded_uniform(&[1, cin, h, w], 61, &dev)? + 1.0)? * 0.5)?;
+        let a = (3.0f64 * 2.0 / (9.0 * cin as f64)).sqrt();
+        let k = (crate::reference::seeded_uniform(&[cout, cin, 3, 3], 62, &dev)? * a)?;
+        let geom = Conv2dGeometry::same(3, 1);
+        let exact = crate::reference::conv2d(
+            &x.to_dtype(DType::F64)?,
+            &k.to_dtype(DType::F64)?,
+            None,
+            &geom,
+        )?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+        let big = exact.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = |y: &[f32]| {
+            y.iter()
+                .zip(&exact)
+                .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()))
+                / big
+        };
+        let direct = crate::reference::conv2d(&x, &k, None, &geom)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let p = Patches::new((h, w), (3, 3), &geom)?;
+        let (xs, ks) = (
+            x.flatten_all()?.to_vec1::<f32>()?,
+            k.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let mut two = vec![0f32; cout * h * w];
+        let mut four = vec![0f32; cout * h * w];
+        // SAFETY: each output buffer holds the whole output; no residual.
+        unsafe {
+            forward(&xs, (cin, cout), &ks, &p, None, None, two.as_mut_ptr());
+            f4::forward(&xs, (cin, cout), &ks, &p, None, None, four.as_mut_ptr());
+        }
+        let (e_direct, e2, e4) = (err(&direct), err(&two), err(&four));
+        println!(
+            "max error / max |y|: direct f32 {e_direct:.2e}, F(2x2) {e2:.2e}, F(4x4) {e4:.2e}"
+        );
+        assert!(
+            e2 <= 4.0 * e_direct.max(1e-8),
+            "F(2x2) {e2:.2e} vs {e_direct:.2e}"
+        );
+        assert!(
+            e4 <= 16.0 * e_direct.max(1e-8),
+            "F(4x4) {e4:.2e} vs {e_direct:.2e}"
+        );
         Ok(())
     }
 }
