@@ -11,7 +11,8 @@
 //! The products are [`crate::sgemm`] calls (the AVX-512 kernel, with a folded BatchNorm epilogue
 //! and optionally a residual add fused into the tile stores when given). Two forward paths do
 //! less arithmetic: 3x3 stride-1 convolutions (any dilation) with at least 32 channels on both
-//! sides run as Winograd F(2x2, 3x3) (`crate::winograd`) where that saves enough multiplies, and
+//! sides run as Winograd F(4x4, 3x3) or F(2x2, 3x3) (`crate::winograd`) where that saves enough
+//! multiplies, and
 //! other convolutions with more than 15% of their tap reads in the zero padding (large atrous
 //! rates on small maps) by output rectangles that skip those taps ([`forward_regions`]). 1x1
 //! stride-1 unpadded convolutions of f32 CPU tensors skip im2col: one product per image (see
@@ -303,23 +304,20 @@ pub(crate) fn forward_f32(
 /// rate-1 convolution of a 33x33 map: 6%).
 const REGIONS_MIN_PADDING: f64 = 0.15;
 
-/// A 3x3 stride-1 convolution runs as Winograd F(2x2, 3x3) when that does at most this share of
+/// A 3x3 stride-1 convolution runs as Winograd (F(2x2, 3x3) or F(4x4, 3x3)) when that does at
+/// most this share of
 /// the direct path's multiplies (its transforms cost the rest): undilated and rate-2 convs on
 /// DeepLab's maps do 0.45-0.47; ResNet's rate-6 ASPP branch on 33x33 would do 0.69 of the
 /// rectangles' and measured slower on Winograd (36-38 vs 34-35 ms in alternating runs: the
 /// transforms of 2048 input channels for few tiles), its rates 12 and 18 more than the direct path.
 const WINOGRAD_MAX_SHARE: f64 = 0.6;
 
-/// F(4x4, 3x3) replaces F(2x2, 3x3) when it does at most this share of its multiplies (33x33
-/// maps: 0.63, 129x129: 0.58; ResNet's rate-6 ASPP on 33x33: 1.0, its phases too short for
-/// 4-output tiles) ...
+/// F(4x4, 3x3) replaces F(2x2, 3x3) when it does at most this share of its multiplies: 33x33
+/// maps 0.63, 65x65 0.60, 129x129 0.58; ResNet's rate-6 ASPP on 33x33 1.0 (its phases are too
+/// short for 4-output tiles). ResNet-101 profile, alternating with `DEEPLAB_WINOGRAD=2`: layer3's
+/// 22 convs at 33x33 61-64 -> 53-57 ms, the decoder's two at 129x129 37 / 29 -> 28 / 26 ms,
+/// layer4's rate-2 pair 22 -> 19 ms, 65x65 unchanged.
 const WINOGRAD4_MAX_SHARE: f64 = 0.8;
-
-/// ... and its rows of tiles are at least this long per phase: its transforms run along them,
-/// and on short rows they cost more than the products save. (ResNet-101, alternating runs:
-/// the decoder's 3x3 convs at 129x129, 33 tiles a row, 36 -> 27 ms and 30 -> 23 ms; layer2 at
-/// 65x65, 17 tiles, 8 -> 9 ms; layer3 at 33x33, 9 tiles, no change.)
-const WINOGRAD4_MIN_ROW_TILES: usize = 24;
 
 /// The Winograd tile for a convolution (0: direct), given the direct path's multiplies per
 /// channel pair.
@@ -330,11 +328,7 @@ fn winograd_tile(p: &Patches, (cin, cout): (usize, usize), direct: f64) -> usize
     }
     let two = crate::winograd::products(p) as f64;
     let four = crate::winograd::f4::products(p) as f64;
-    if max == 4
-        && crate::winograd::f4::row_tiles(p) >= WINOGRAD4_MIN_ROW_TILES
-        && four <= WINOGRAD4_MAX_SHARE * two
-        && four < WINOGRAD_MAX_SHARE * direct
-    {
+    if max == 4 && four <= WINOGRAD4_MAX_SHARE * two && four < WINOGRAD_MAX_SHARE * direct {
         4
     } else if two < WINOGRAD_MAX_SHARE * direct {
         2
@@ -781,9 +775,9 @@ mod tests {
     use super::*;
     use crate::geometry::Conv2dGeometry;
 
-    /// The dispatcher's Winograd tile on DeepLab's 3x3 shapes: F(4x4) on the 129x129 decoder
-    /// maps, F(2x2) on 33x33 and 65x65 maps and rate-2 convs, neither on the ASPP's large rates,
-    /// strided convs or few channels.
+    /// The dispatcher's Winograd tile on DeepLab's 3x3 shapes: F(4x4) on the 33x33 to 129x129
+    /// maps at rates 1 and 2, F(2x2) on tiny maps, neither on the ASPP's large rates, strided
+    /// convs or few channels.
     #[test]
     fn winograd_tile_per_shape() -> Result<()> {
         if std::env::var_os("DEEPLAB_WINOGRAD").is_some() {
@@ -803,9 +797,10 @@ mod tests {
         };
         assert_eq!(tile(129, 1, 1, (304, 256))?, 4);
         assert_eq!(tile(129, 1, 1, (64, 64))?, 4);
-        assert_eq!(tile(65, 1, 1, (128, 128))?, 2);
-        assert_eq!(tile(33, 1, 1, (256, 256))?, 2);
-        assert_eq!(tile(33, 2, 1, (512, 512))?, 2);
+        assert_eq!(tile(65, 1, 1, (128, 128))?, 4);
+        assert_eq!(tile(33, 1, 1, (256, 256))?, 4);
+        assert_eq!(tile(33, 2, 1, (512, 512))?, 4);
+        assert_eq!(tile(9, 1, 1, (256, 256))?, 2);
         assert_eq!(tile(33, 6, 1, (2048, 256))?, 0);
         assert_eq!(tile(33, 18, 1, (2048, 256))?, 0);
         assert_eq!(tile(129, 1, 2, (256, 256))?, 0);

@@ -825,9 +825,10 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
     Ok(())
 }
 
-/// Winograd F(2x2, 3x3) rounds differently from a direct sum: on a ResNet layer3 convolution
-/// (256 -> 256 channels, 33x33, Kaiming-scaled weights) its error against an f64 computation
-/// stays within 4x that of the direct f32 reference composition (prints both).
+/// Winograd rounds differently from a direct sum: on a ResNet layer3 convolution (256 -> 256
+/// channels, 33x33, Kaiming-scaled weights), where the dispatcher picks F(4x4, 3x3), the error
+/// against an f64 computation stays within 16x that of the direct f32 reference composition
+/// (prints both; `winograd::tests::accuracy_against_f64` bounds F(2x2, 3x3) by 4x).
 #[test]
 fn winograd_accuracy_against_f64() -> Result<()> {
     let dev = Device::Cpu;
@@ -850,7 +851,7 @@ fn winograd_accuracy_against_f64() -> Result<()> {
     let (e_ours, e_direct) = (err(&ours)?, err(&direct)?);
     println!("max error / max |y|: winograd {e_ours:.2e}, direct f32 {e_direct:.2e}");
     assert!(
-        e_ours <= 4.0 * e_direct.max(1e-8),
+        e_ours <= 16.0 * e_direct.max(1e-8),
         "winograd error {e_ours:.2e} vs direct {e_direct:.2e}"
     );
     Ok(())

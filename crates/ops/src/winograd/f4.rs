@@ -7,15 +7,17 @@
 //! transform entries, the one with the smallest rounding error (a numpy comparison of 0, ±1, ±2
 //! / 0, ±1, ±1/2 / 0, ±1, 2, -1/2 / ...: 2.7e-6 of the output's largest magnitude on a 256-deep
 //! sum against 6.9e-6 for Lavin & Gray's 0, ±1, ±2). That is several times the error of a
-//! direct f32 sum (test `winograd_accuracy_against_f64` prints both); `DEEPLAB_WINOGRAD=2` keeps
-//! every convolution on F(2x2, 3x3) or direct sums.
+//! direct f32 sum (on a ResNet layer3 convolution 5.1e-6 against 3.9e-7, test
+//! `winograd_accuracy_against_f64`; F(2x2, 3x3) 6.7e-7); `DEEPLAB_WINOGRAD=2` keeps every
+//! convolution on F(2x2, 3x3) or direct sums, `DEEPLAB_WINOGRAD=off` on direct sums.
 //!
 //! Layout and schedule follow F(2x2, 3x3): `U` is `[Cout][36][Cin]`, a block of whole tile rows
 //! is transformed into `V` (`[Cin][36][tiles]`, in parallel over channels), the 36 products
 //! `M_ξ = U_ξ · V_ξ` run in parallel over `ξ`, and `Y = Aᵀ M A` with the epilogue and residual
-//! runs in parallel over output channels. The transforms work on whole rows of tiles: input
-//! column `c` of tile `k` is entry `k + c / 4` of array `c mod 4`, so every step is a
-//! vectorizable sweep along the tile row.
+//! runs in parallel over output channels. The transforms sweep the whole block: input column
+//! `c` of tile `k` is entry `k + c / 4` of array `c mod 4`, and the arrays of the block's tile
+//! rows lie end to end, so each step is one vectorizable pass even where a tile row is a few
+//! tiles (9 on a 33x33 map).
 
 use super::Axis;
 use crate::batch_norm::{epilogue_row, Activation};
@@ -68,19 +70,6 @@ pub(crate) fn products(p: &Patches) -> usize {
     36 * Axis::new(4, dy, pt, p.ho).tiles * Axis::new(4, dx, pl, p.wo).tiles
 }
 
-/// The tiles per row of one column phase (the shortest phase's), the length of the transforms'
-/// vector sweeps.
-pub(crate) fn row_tiles(p: &Patches) -> usize {
-    let (_, dx) = p.dilations();
-    let (_, pl) = p.pad_top_left();
-    let cols = Axis::new(4, dx, pl, p.wo);
-    cols.phases
-        .iter()
-        .map(|&(count, _, _)| count)
-        .min()
-        .unwrap_or(0)
-}
-
 /// `Bᵀ x` for one column of a 6x6 input tile (the rows of [`BT`], written out so the zero and
 /// ±1 entries cost nothing).
 #[inline(always)]
@@ -115,48 +104,83 @@ fn slices_mut<const K: usize>(buf: &mut [f32], n: usize, first: usize) -> [&mut 
 }
 
 /// The transformed weights `U` (`[Cout][36][Cin]`, so `U_ξ` is a row-major `Cout x Cin` matrix
-/// with row stride `36 * Cin`) from `k: [Cout, Cin, 3, 3]`. Each `U[ξ]` is a 9-term sum of the
-/// taps with coefficients `G[ξ / 6][ty] · G[ξ % 6][tx]` computed in f64 and rounded once.
+/// with row stride `36 * Cin`) from `k: [Cout, Cin, 3, 3]`: `G g` then `(G g) Gᵀ`, each a sweep
+/// along the input channels.
 fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let coef: [[f32; 9]; 36] = std::array::from_fn(|xi| {
-        std::array::from_fn(|t| (G[xi / 6][t / 3] * G[xi % 6][t % 3]) as f32)
-    });
     let mut u = vec![0f32; cout * 36 * cin];
     u.par_chunks_mut(36 * cin)
         .zip(k.par_chunks(cin * 9))
         .for_each_init(
-            || vec![0f32; 9 * cin],
-            |taps, (dst, src)| {
+            || vec![0f32; 27 * cin],
+            |scratch, (dst, src)| {
+                let (taps, gg) = scratch.split_at_mut(9 * cin);
                 for (c, g) in src.chunks_exact(9).enumerate() {
                     for (t, &v) in g.iter().enumerate() {
                         taps[t * cin + c] = v;
                     }
                 }
-                multiversion!(|| weights_of_channel(dst, taps, cin, &coef))
+                multiversion!(|| weights_of_channel(dst, taps, gg, cin))
             },
         );
     u
 }
 
-/// `U` of one output channel: `dst` (`[36][Cin]`) from its tap-major weights (`[9][Cin]`).
+/// `out = Σ c_t src_t` over the terms with a nonzero coefficient (none: zeros).
 #[inline(always)]
-fn weights_of_channel(dst: &mut [f32], taps: &[f32], cin: usize, coef: &[[f32; 9]; 36]) {
-    for (d, cf) in dst.chunks_exact_mut(cin).zip(coef) {
-        d.fill(0.0);
-        for (t, &c) in cf.iter().enumerate() {
-            if c == 0.0 {
-                continue;
+fn combine(out: &mut [f32], terms: [(f32, &[f32]); 3]) {
+    let mut first = true;
+    for (c, src) in terms {
+        if c == 0.0 {
+            continue;
+        }
+        let src = &src[..out.len()];
+        if first {
+            for (o, &v) in out.iter_mut().zip(src) {
+                *o = c * v;
             }
-            for (d, &g) in d.iter_mut().zip(&taps[t * cin..(t + 1) * cin]) {
-                *d = c.mul_add(g, *d);
+            first = false;
+        } else {
+            for (o, &v) in out.iter_mut().zip(src) {
+                *o = c.mul_add(v, *o);
             }
+        }
+    }
+    if first {
+        out.fill(0.0);
+    }
+}
+
+/// `U` of one output channel: `dst` (`[36][Cin]`) from its tap-major weights `taps`
+/// (`[9][Cin]`, tap `3 ty + tx`), through `gg` (`[6][3][Cin]`: `G g`).
+#[inline(always)]
+fn weights_of_channel(dst: &mut [f32], taps: &[f32], gg: &mut [f32], cin: usize) {
+    let g: [[f32; 3]; 6] = G.map(|row| row.map(|v| v as f32));
+    let tap = |t: usize| &taps[t * cin..(t + 1) * cin];
+    for (i, gi) in g.iter().enumerate() {
+        for tx in 0..3 {
+            let out = &mut gg[(3 * i + tx) * cin..(3 * i + tx + 1) * cin];
+            combine(
+                out,
+                [(gi[0], tap(tx)), (gi[1], tap(3 + tx)), (gi[2], tap(6 + tx))],
+            );
+        }
+    }
+    for i in 0..6 {
+        let row = |tx: usize| &gg[(3 * i + tx) * cin..(3 * i + tx + 1) * cin];
+        for (j, gj) in g.iter().enumerate() {
+            let out = &mut dst[(6 * i + j) * cin..(6 * i + j + 1) * cin];
+            combine(out, [(gj[0], row(0)), (gj[1], row(1)), (gj[2], row(2))]);
         }
     }
 }
 
 /// `Bᵀ d B` of the tiles in tile rows `[i0, i1)` of one input plane `src` (`h x w`) into `dst`
 /// (`[36][tiles]`, row stride `ld`, tile `(i - i0) * cols.tiles + j`); `scratch` holds
-/// `48 * cols.inputs` values.
+/// `54 * (i1 - i0) * cols.inputs` values.
+///
+/// The input arrays of all the block's tile rows are laid end to end, so both passes sweep the
+/// whole block at once (a tile row alone is a few tiles on small maps): the second pass also
+/// computes one meaningless value at the end of each phase's arrays, which is not copied out.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn transform_input(
@@ -170,15 +194,20 @@ fn transform_input(
 ) {
     let n = cols.inputs;
     let dx = cols.d;
-    // rows[r][j]: input row r of the tile row, array j (columns `c` with `c mod 4 = j`).
-    let (rows, t) = scratch.split_at_mut(24 * n);
-    for i in i0..i1 {
+    let tb = i1 - i0;
+    let len = tb * n;
+    // rows[r][j][ti]: input row r of tile row i0 + ti, array j (columns `c` with `c mod 4 = j`).
+    let (rows, rest) = scratch.split_at_mut(24 * len);
+    let (t, tmp) = rest.split_at_mut(24 * len);
+    for (ti, i) in (i0..i1).enumerate() {
         let (a, k) = rows_axis.tile(i);
         for r in 0..6 {
-            let arrays = &mut rows[4 * r * n..4 * (r + 1) * n];
+            let arr = |j: usize| ((4 * r + j) * tb + ti) * n;
             let iy = rows_axis.input(a, k, r);
             if iy < 0 || iy >= h as isize {
-                arrays.fill(0.0);
+                for j in 0..4 {
+                    rows[arr(j)..arr(j) + n].fill(0.0);
+                }
                 continue;
             }
             let row = &src[iy as usize * w..(iy as usize + 1) * w];
@@ -209,65 +238,64 @@ fn transform_input(
                 for l in (0..lo).chain(hi..count + 1) {
                     let ix = first + step * l as isize;
                     for j in 0..4 {
-                        arrays[j * n + off + l] = at(ix + (dx * j) as isize);
+                        rows[arr(j) + off + l] = at(ix + (dx * j) as isize);
                     }
                 }
                 if lo == hi {
                     continue;
                 }
                 let start = (first + step * lo as isize) as usize;
-                let (a0, rest) = arrays.split_at_mut(n);
-                let (a1, rest) = rest.split_at_mut(n);
-                let (a2, a3) = rest.split_at_mut(n);
-                let span = off + lo..off + hi;
-                let dsts = a0[span.clone()]
-                    .iter_mut()
-                    .zip(&mut a1[span.clone()])
-                    .zip(&mut a2[span.clone()])
-                    .zip(&mut a3[span]);
+                let [a0, a1, a2, a3] = std::array::from_fn(|j| arr(j) + off);
                 if dx == 1 {
                     let inner = &row[start..start + 4 * (hi - lo)];
-                    for ((((e0, e1), e2), e3), q) in dsts.zip(inner.chunks_exact(4)) {
-                        (*e0, *e1, *e2, *e3) = (q[0], q[1], q[2], q[3]);
+                    for (l, q) in (lo..hi).zip(inner.chunks_exact(4)) {
+                        rows[a0 + l] = q[0];
+                        rows[a1 + l] = q[1];
+                        rows[a2 + l] = q[2];
+                        rows[a3 + l] = q[3];
                     }
                 } else {
-                    for (l, (((e0, e1), e2), e3)) in dsts.enumerate() {
-                        let x = start + 4 * dx * l;
-                        (*e0, *e1, *e2, *e3) =
-                            (row[x], row[x + dx], row[x + 2 * dx], row[x + 3 * dx]);
+                    for l in lo..hi {
+                        let x = start + 4 * dx * (l - lo);
+                        rows[a0 + l] = row[x];
+                        rows[a1 + l] = row[x + dx];
+                        rows[a2 + l] = row[x + 2 * dx];
+                        rows[a3 + l] = row[x + 3 * dx];
                     }
                 }
             }
         }
-        // Bᵀ d down the columns: t[j][kk] = Σ_r Bᵀ[kk][r] rows[r][j].
-        for j in 0..4 {
-            let src = |r: usize| &rows[(4 * r + j) * n..(4 * r + j + 1) * n];
-            let (r0, r1, r2, r3, r4, r5) = (src(0), src(1), src(2), src(3), src(4), src(5));
-            let [o0, o1, o2, o3, o4, o5] = slices_mut::<6>(t, n, 6 * j);
-            for x in 0..n {
-                let v = bt([r0[x], r1[x], r2[x], r3[x], r4[x], r5[x]]);
+    }
+    // Bᵀ d down the columns: t[j][kk] = Σ_r Bᵀ[kk][r] rows[r][j].
+    for j in 0..4 {
+        let src = |r: usize| &rows[(4 * r + j) * len..(4 * r + j + 1) * len];
+        let (r0, r1, r2, r3, r4, r5) = (src(0), src(1), src(2), src(3), src(4), src(5));
+        let [o0, o1, o2, o3, o4, o5] = slices_mut::<6>(t, len, 6 * j);
+        for x in 0..len {
+            let v = bt([r0[x], r1[x], r2[x], r3[x], r4[x], r5[x]]);
+            (o0[x], o1[x], o2[x], o3[x], o4[x], o5[x]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
+        }
+    }
+    // (Bᵀ d) B along the arrays: entry `x` of tile `l` combines entries `x` and `x + 1`.
+    let span = len - 1;
+    for kk in 0..6 {
+        let arr = |j: usize| &t[(6 * j + kk) * len..(6 * j + kk + 1) * len];
+        let (a0, a1, a2, a3) = (arr(0), arr(1), arr(2), arr(3));
+        let (a4, a5) = (&a0[1..], &a1[1..]);
+        {
+            let [o0, o1, o2, o3, o4, o5] = slices_mut::<6>(tmp, len, 0);
+            for x in 0..span {
+                let v = bt([a0[x], a1[x], a2[x], a3[x], a4[x], a5[x]]);
                 (o0[x], o1[x], o2[x], o3[x], o4[x], o5[x]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
             }
         }
-        // (Bᵀ d) B along each column phase's row of tiles: V[6 kk + l] = Σ_c Bᵀ[l][c] t[kk][c].
-        let base = (i - i0) * cols.tiles;
-        for kk in 0..6 {
-            let arr = |j: usize| &t[(6 * j + kk) * n..(6 * j + kk + 1) * n];
-            let (a0, a1, a2, a3) = (arr(0), arr(1), arr(2), arr(3));
-            let mut outs = dst[6 * kk * ld..].chunks_mut(ld);
-            let mut out_rows: [&mut [f32]; 6] =
-                std::array::from_fn(|_| outs.next().expect("36 rows of V"));
-            for &(count, first, off) in &cols.phases {
-                let (a4, a5) = (&a0[off + 1..off + count + 1], &a1[off + 1..off + count + 1]);
-                let (a0, a1) = (&a0[off..off + count], &a1[off..off + count]);
-                let (a2, a3) = (&a2[off..off + count], &a3[off..off + count]);
-                let [o0, o1, o2, o3, o4, o5] = out_rows
-                    .each_mut()
-                    .map(|r| &mut r[base + first..base + first + count]);
-                for x in 0..count {
-                    let v = bt([a0[x], a1[x], a2[x], a3[x], a4[x], a5[x]]);
-                    (o0[x], o1[x], o2[x], o3[x], o4[x], o5[x]) =
-                        (v[0], v[1], v[2], v[3], v[4], v[5]);
+        for l in 0..6 {
+            let from = &tmp[l * len..(l + 1) * len];
+            let to = &mut dst[(6 * kk + l) * ld..(6 * kk + l) * ld + tb * cols.tiles];
+            for ti in 0..tb {
+                for &(count, first, off) in &cols.phases {
+                    to[ti * cols.tiles + first..ti * cols.tiles + first + count]
+                        .copy_from_slice(&from[ti * n + off..ti * n + off + count]);
                 }
             }
         }
@@ -314,7 +342,7 @@ pub(crate) unsafe fn forward(
             .par_chunks_mut(36 * tiles)
             .enumerate()
             .for_each_init(
-                || vec![0f32; 48 * cols.inputs],
+                || vec![0f32; 54 * rows_per_block.min(th) * cols.inputs],
                 |scratch, (c, dst)| {
                     let src = &x[c * h * w..(c + 1) * h * w];
                     multiversion!(|| transform_input(
@@ -349,7 +377,7 @@ pub(crate) unsafe fn forward(
         });
         let mr = &m;
         (0..cout).into_par_iter().for_each_init(
-            || vec![0f32; 40 * tw],
+            || vec![0f32; 40 * most],
             |y, o| {
                 let mo = &mr[o * 36 * tiles..(o + 1) * 36 * tiles];
                 let base = o * ho * wo;
@@ -367,7 +395,7 @@ pub(crate) unsafe fn forward(
 
 /// `Aᵀ M A` of one output channel's tile rows `[i0, i1)` (`mo`: `[36][tiles]`) into its output
 /// plane `dst` (`ho x wo`; only those tile rows' output rows are written), through the
-/// epilogue; `y` is scratch of `40 * cols.tiles`.
+/// epilogue; `y` is scratch of `40` values per tile of the block.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn output_rows(
@@ -383,30 +411,31 @@ fn output_rows(
     let tw = cols.tiles;
     let tiles = (i1 - i0) * tw;
     let ho = dst.len() / wo;
-    let (z, y) = y.split_at_mut(24 * tw);
+    // The two passes sweep the whole block's tiles at once (a tile row alone is short).
+    let (z, y) = y.split_at_mut(24 * tiles);
+    let q = |xi: usize| &mo[xi * tiles..(xi + 1) * tiles];
+    // z[kk][j] = Σ_l Aᵀ[j][l] M[kk][l]: along each transformed row.
+    for kk in 0..6 {
+        let (m0, m1, m2) = (q(6 * kk), q(6 * kk + 1), q(6 * kk + 2));
+        let (m3, m4, m5) = (q(6 * kk + 3), q(6 * kk + 4), q(6 * kk + 5));
+        let [o0, o1, o2, o3] = slices_mut::<4>(z, tiles, 4 * kk);
+        for x in 0..tiles {
+            let v = at([m0[x], m1[x], m2[x], m3[x], m4[x], m5[x]]);
+            (o0[x], o1[x], o2[x], o3[x]) = (v[0], v[1], v[2], v[3]);
+        }
+    }
+    // y[j][r] = Σ_kk Aᵀ[r][kk] z[kk][j]: output row r of each tile row, column j of each tile.
+    for j in 0..4 {
+        let zz = |kk: usize| &z[(4 * kk + j) * tiles..(4 * kk + j + 1) * tiles];
+        let (z0, z1, z2, z3, z4, z5) = (zz(0), zz(1), zz(2), zz(3), zz(4), zz(5));
+        let [o0, o1, o2, o3] = slices_mut::<4>(y, tiles, 4 * j);
+        for x in 0..tiles {
+            let v = at([z0[x], z1[x], z2[x], z3[x], z4[x], z5[x]]);
+            (o0[x], o1[x], o2[x], o3[x]) = (v[0], v[1], v[2], v[3]);
+        }
+    }
     for i in i0..i1 {
         let b = (i - i0) * tw;
-        let q = |xi: usize| &mo[xi * tiles + b..xi * tiles + b + tw];
-        // z[kk][j] = Σ_l Aᵀ[j][l] M[kk][l]: along each transformed row.
-        for kk in 0..6 {
-            let (m0, m1, m2) = (q(6 * kk), q(6 * kk + 1), q(6 * kk + 2));
-            let (m3, m4, m5) = (q(6 * kk + 3), q(6 * kk + 4), q(6 * kk + 5));
-            let [o0, o1, o2, o3] = slices_mut::<4>(z, tw, 4 * kk);
-            for x in 0..tw {
-                let v = at([m0[x], m1[x], m2[x], m3[x], m4[x], m5[x]]);
-                (o0[x], o1[x], o2[x], o3[x]) = (v[0], v[1], v[2], v[3]);
-            }
-        }
-        // y[j][r] = Σ_kk Aᵀ[r][kk] z[kk][j]: output row r of the tile row, column j of each tile.
-        for j in 0..4 {
-            let zz = |kk: usize| &z[(4 * kk + j) * tw..(4 * kk + j + 1) * tw];
-            let (z0, z1, z2, z3, z4, z5) = (zz(0), zz(1), zz(2), zz(3), zz(4), zz(5));
-            let [o0, o1, o2, o3] = slices_mut::<4>(y, tw, 4 * j);
-            for x in 0..tw {
-                let v = at([z0[x], z1[x], z2[x], z3[x], z4[x], z5[x]]);
-                (o0[x], o1[x], o2[x], o3[x]) = (v[0], v[1], v[2], v[3]);
-            }
-        }
         let (a, k) = rows_axis.tile(i);
         for r in 0..4 {
             let oy = rows_axis.output(a, k, r);
@@ -415,7 +444,7 @@ fn output_rows(
             }
             let row = &mut dst[oy * wo..(oy + 1) * wo];
             let vals: [&[f32]; 4] =
-                std::array::from_fn(|j| &y[(4 * j + r) * tw..(4 * j + r + 1) * tw]);
+                std::array::from_fn(|j| &y[(4 * j + r) * tiles + b..(4 * j + r) * tiles + b + tw]);
             write_row(row, cols, vals);
             if let Some((s, t, act)) = epi {
                 epilogue_row(
