@@ -11,6 +11,8 @@ Heads (all bilinear resizes align_corners=True, as the official DeepLab):
               low-level projection, two separable 3x3x256 decoder convs (ReLU after each BN)
   resnet101   DeepLabv3+ OS16: the same with plain 3x3 convs (ASPP and decoder), as the paper's
               ResNet-101 model
+  resnet101_sep  DeepLabv3+ OS16 ResNet-101 with separable ASPP and decoder convs (the official
+              code's default flags; segmentation-models-pytorch's ASPP is separable too)
   mobilenetv2 DeepLabv3 OS8: image pooling + 1x1 ASPP only, no decoder (the model-zoo setting)
   mobilenetv2_v3plus  DeepLabv3+ OS16 with separable ASPP and decoder (training comparison)
 
@@ -68,7 +70,8 @@ def timed(fn, warmup, iters):
 def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="xception65",
-                    choices=["xception65", "resnet101", "mobilenetv2", "mobilenetv2_v3plus"])
+                    choices=["xception65", "resnet101", "resnet101_sep", "mobilenetv2",
+                             "mobilenetv2_v3plus"])
     ap.add_argument("--size", type=int, default=513)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
@@ -152,6 +155,7 @@ MODELS = {
     # name: (timm backbone, output stride, ASPP rates, separable, decoder)
     "xception65": ("xception65", 16, [6, 12, 18], True, True),
     "resnet101": ("resnet101", 16, [6, 12, 18], False, True),
+    "resnet101_sep": ("resnet101", 16, [6, 12, 18], True, True),
     "mobilenetv2": ("mobilenetv2_100", 8, [], False, False),
     "mobilenetv2_v3plus": ("mobilenetv2_100", 16, [6, 12, 18], True, True),
 }

@@ -30,6 +30,8 @@ MODELS = {
                    "DeepLabv3+ Xception-65 OS16, separable ASPP + decoder"),
     "resnet101": (["--backbone", "resnet101"], "resnet101",
                   "DeepLabv3+ ResNet-101 OS16, plain ASPP + decoder"),
+    "resnet101_sep": (["--backbone", "resnet101", "--separable", "true"], "resnet101_sep",
+                      "DeepLabv3+ ResNet-101 OS16, separable ASPP + decoder"),
     "mobilenetv2": (["--backbone", "mobilenetv2_100", "--head", "v3", "--output-stride", "8",
                      "--atrous-rates", "none"], "mobilenetv2",
                     "DeepLabv3 MobileNetV2 OS8, image pooling + 1x1 ASPP"),

@@ -212,10 +212,17 @@ pub(crate) fn forward_f32(
     let direct = (l * p.taps()) as f64 * if regions { 1.0 - share } else { 1.0 };
     let tile = winograd_tile(&p, (cin, cout), direct);
     if tile > 0 {
-        let forward = if tile == 4 {
-            crate::winograd::f4::forward
+        // The transformed weights once for the batch.
+        let (u, forward) = if tile == 4 {
+            (
+                crate::winograd::f4::transform_weights(k, cout, cin),
+                crate::winograd::f4::forward as WinogradForward,
+            )
         } else {
-            crate::winograd::forward
+            (
+                crate::winograd::transform_weights(k, cout, cin),
+                crate::winograd::forward as WinogradForward,
+            )
         };
         for b in 0..n {
             // SAFETY: image `b`'s `cout * l` outputs lie inside `out`'s capacity, and the
@@ -224,7 +231,7 @@ pub(crate) fn forward_f32(
                 forward(
                     &x[b * cin * hw..(b + 1) * cin * hw],
                     (cin, cout),
-                    k,
+                    &u,
                     &p,
                     epi,
                     residual.map(|(r, _)| &r[b * cout * l..(b + 1) * cout * l]),
@@ -318,6 +325,17 @@ const WINOGRAD_MAX_SHARE: f64 = 0.6;
 /// 22 convs at 33x33 61-64 -> 53-57 ms, the decoder's two at 129x129 37 / 29 -> 28 / 26 ms,
 /// layer4's rate-2 pair 22 -> 19 ms, 65x65 unchanged.
 const WINOGRAD4_MAX_SHARE: f64 = 0.8;
+
+/// A Winograd forward of one image ([`crate::winograd::forward`] or its F(4x4) twin).
+type WinogradForward = unsafe fn(
+    &[f32],
+    (usize, usize),
+    &[f32],
+    &Patches,
+    Option<(&[f32], &[f32], crate::batch_norm::Activation)>,
+    Option<&[f32]>,
+    *mut f32,
+);
 
 /// The Winograd tile for a convolution (0: direct), given the direct path's multiplies per
 /// channel pair.

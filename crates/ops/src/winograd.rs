@@ -126,7 +126,7 @@ impl Axis {
 
 /// The transformed weights `U`, laid out `[Cout][16][Cin]` (so `U_ξ` is a row-major
 /// `Cout x Cin` matrix with row stride `16 * Cin`), from `k: [Cout, Cin, 3, 3]`.
-fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut u = vec![0f32; cout * 16 * cin];
     u.par_chunks_mut(16 * cin)
         .zip(k.par_chunks(cin * 9))
@@ -311,16 +311,17 @@ fn transform_input(
 }
 
 /// Winograd forward of image `x` (`cin x h x w`) into `out` (`cout x ho x wo`, every element
-/// written), with the per-channel epilogue `act(y * scale + shift (+ residual))` when given.
+/// written), with the per-channel epilogue `act(y * scale + shift (+ residual))` when given;
+/// `u` is [`transform_weights`] of the kernel (once per call, shared by a batch's images).
 ///
 /// # Safety
-/// `out` must be writable at `cout * ho * wo` elements and not accessed by anyone else during
+/// `u` holds `cout * 16 * cin` values; `out` must be writable at `cout * ho * wo` elements and not accessed by anyone else during
 /// the call; `residual`, if any, holds `cout * ho * wo` values.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn forward(
     x: &[f32],
     (cin, cout): (usize, usize),
-    k: &[f32],
+    u: &[f32],
     p: &Patches,
     epi: Option<(&[f32], &[f32], Activation)>,
     residual: Option<&[f32]>,
@@ -334,7 +335,6 @@ pub(crate) unsafe fn forward(
     if th == 0 || tw == 0 {
         return;
     }
-    let u = transform_weights(k, cout, cin);
     let rows_per_block = (TILES_MAX.min(V_BUDGET / (16 * cin)) / tw).max(1);
     let most = rows_per_block.min(th) * tw;
     let mut v = vec![0f32; cin * 16 * most];
@@ -365,7 +365,7 @@ pub(crate) unsafe fn forward(
             );
         // M_ξ = U_ξ · V_ξ, M laid out [Cout][16][tiles].
         let mp = Ptr(m.as_mut_ptr());
-        let (vr, ur) = (&v, &u);
+        let (vr, ur) = (&v, u);
         (0..16).into_par_iter().for_each(|xi| {
             // SAFETY: `U_ξ` is `cout x cin` at offset `ξ * cin`, row stride `16 * cin`; `V_ξ`
             // `cin x tiles` at `ξ * tiles`, stride `16 * tiles`; `M_ξ` `cout x tiles` at
@@ -547,7 +547,11 @@ mod tests {
             Option<&[f32]>,
             *mut f32,
         );
-        let paths: [(&str, Forward); 2] = [("F(2x2)", forward), ("F(4x4)", f4::forward)];
+        type Transform = fn(&[f32], usize, usize) -> Vec<f32>;
+        let paths: [(&str, Transform, Forward); 2] = [
+            ("F(2x2)", transform_weights, forward),
+            ("F(4x4)", f4::transform_weights, f4::forward),
+        ];
         for (i, ((h, w), dilation, padding)) in cases.into_iter().enumerate() {
             let (cin, cout) = (32, 33);
             let geom = Conv2dGeometry {
@@ -568,14 +572,15 @@ mod tests {
             let rs = res.flatten_all()?.to_vec1::<f32>()?;
             let scale: Vec<f32> = (0..cout).map(|o| 0.5 + o as f32 / cout as f32).collect();
             let shift: Vec<f32> = (0..cout).map(|o| o as f32 / 10.0 - 1.0).collect();
-            for ((name, forward), with_epilogue) in
+            for ((name, transform, forward), with_epilogue) in
                 paths.into_iter().flat_map(|f| [(f, false), (f, true)])
             {
                 let mut out = vec![f32::NAN; cout * p.ho * p.wo];
                 let epi = with_epilogue.then_some((&scale[..], &shift[..], Activation::Relu));
                 let r = with_epilogue.then_some(&rs[..]);
                 // SAFETY: `out` holds the whole output, `rs` a residual of the same size.
-                unsafe { forward(&xs, (cin, cout), &ks, &p, epi, r, out.as_mut_ptr()) };
+                let u = transform(&ks, cout, cin);
+                unsafe { forward(&xs, (cin, cout), &u, &p, epi, r, out.as_mut_ptr()) };
                 let want = if with_epilogue {
                     let s = Tensor::new(&scale[..], &dev)?.reshape((1, cout, 1, 1))?;
                     let t = Tensor::new(&shift[..], &dev)?.reshape((1, cout, 1, 1))?;
@@ -642,8 +647,12 @@ mod tests {
         let mut four = vec![0f32; cout * h * w];
         // SAFETY: each output buffer holds the whole output; no residual.
         unsafe {
-            forward(&xs, (cin, cout), &ks, &p, None, None, two.as_mut_ptr());
-            f4::forward(&xs, (cin, cout), &ks, &p, None, None, four.as_mut_ptr());
+            let (u2, u4) = (
+                transform_weights(&ks, cout, cin),
+                f4::transform_weights(&ks, cout, cin),
+            );
+            forward(&xs, (cin, cout), &u2, &p, None, None, two.as_mut_ptr());
+            f4::forward(&xs, (cin, cout), &u4, &p, None, None, four.as_mut_ptr());
         }
         let (e_direct, e2, e4) = (err(&direct), err(&two), err(&four));
         println!(

@@ -106,7 +106,7 @@ fn slices_mut<const K: usize>(buf: &mut [f32], n: usize, first: usize) -> [&mut 
 /// The transformed weights `U` (`[Cout][36][Cin]`, so `U_ξ` is a row-major `Cout x Cin` matrix
 /// with row stride `36 * Cin`) from `k: [Cout, Cin, 3, 3]`: `G g` then `(G g) Gᵀ`, each a sweep
 /// along the input channels.
-fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut u = vec![0f32; cout * 36 * cin];
     u.par_chunks_mut(36 * cin)
         .zip(k.par_chunks(cin * 9))
@@ -304,16 +304,16 @@ fn transform_input(
 
 /// Winograd F(4x4, 3x3) forward of image `x` (`cin x h x w`) into `out` (`cout x ho x wo`,
 /// every element written), with the per-channel epilogue `act(y * scale + shift (+ residual))`
-/// when given.
+/// when given; `u` is [`transform_weights`] of the kernel.
 ///
 /// # Safety
-/// `out` must be writable at `cout * ho * wo` elements and not accessed by anyone else during
+/// `u` holds `cout * 36 * cin` values; `out` must be writable at `cout * ho * wo` elements and not accessed by anyone else during
 /// the call; `residual`, if any, holds `cout * ho * wo` values.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn forward(
     x: &[f32],
     (cin, cout): (usize, usize),
-    k: &[f32],
+    u: &[f32],
     p: &Patches,
     epi: Option<(&[f32], &[f32], Activation)>,
     residual: Option<&[f32]>,
@@ -327,7 +327,6 @@ pub(crate) unsafe fn forward(
     if th == 0 || tw == 0 {
         return;
     }
-    let u = transform_weights(k, cout, cin);
     let rows_per_block = (TILES_MAX.min(V_BUDGET / (36 * cin)) / tw).max(1);
     let most = rows_per_block.min(th) * tw;
     let mut v = vec![0f32; cin * 36 * most];
@@ -358,7 +357,7 @@ pub(crate) unsafe fn forward(
             );
         // M_ξ = U_ξ · V_ξ, M laid out [Cout][36][tiles].
         let mp = Ptr(m.as_mut_ptr());
-        let (vr, ur) = (&v, &u);
+        let (vr, ur) = (&v, u);
         (0..36).into_par_iter().for_each(|xi| {
             // SAFETY: `U_ξ` is `cout x cin` at offset `ξ * cin`, row stride `36 * cin`; `V_ξ`
             // `cin x tiles` at `ξ * tiles`, stride `36 * tiles`; `M_ξ` `cout x tiles` at
