@@ -17,6 +17,11 @@ the three positional binaries, e.g. the issue-9 fourth session's table:
         --step "+ residual add in the epilogue=/tmp/deeplab-8be990a" \
         --step "+ padding taps skipped=/tmp/deeplab-e633106" \
         --step "+ Winograd F(2x2,3x3)=target/release/deeplab"
+and the fifth session's:
+    python3 benches/peers/steps.py --rounds 3 --step "session start=/tmp/deeplab-aa8f8f0" \
+        --step "+ max pool by rows=/tmp/deeplab-0df0bdf" \
+        --step "+ Winograd F(4x4,3x3)=/tmp/deeplab-760a84d" \
+        --step "+ residual prefetch=target/release/deeplab"
 """
 import argparse
 import os
@@ -27,6 +32,7 @@ import sys
 MODELS = {
     "Xception-65 v3+ OS16": ["--backbone", "xception65"],
     "ResNet-101 v3+ OS16": ["--backbone", "resnet101"],
+    "ResNet-101 v3+ OS16 separable": ["--backbone", "resnet101", "--separable", "true"],
     "MobileNetV2 v3 OS8": ["--backbone", "mobilenetv2_100", "--head", "v3", "--output-stride", "8",
                            "--atrous-rates", "none"],
 }
