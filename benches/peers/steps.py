@@ -47,6 +47,8 @@ def main():
                     help="a row of its own (repeatable; replaces the three positional binaries)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default=None,
+                    help="comma-separated substrings of the model names to run (default: all)")
     a = ap.parse_args()
     if a.step:
         steps = []
@@ -76,9 +78,16 @@ def legacy_steps(a):
 
 def run(steps, a):
     res = {}
+    models = {m: mf for m, mf in MODELS.items()
+              if a.models is None or any(k in m for k in a.models.split(","))}
     for r in range(a.rounds):
-        for si, (_, binary, env, flags) in enumerate(steps):
-            for m, mf in MODELS.items():
+        # Odd rounds run the steps in reverse, so a drift of the machine's speed during the
+        # sitting does not favour the first or the last step.
+        order = list(enumerate(steps))
+        if r % 2 == 1:
+            order.reverse()
+        for si, (_, binary, env, flags) in order:
+            for m, mf in models.items():
                 cmd = [binary, "--threads", str(a.threads), "--quiet"] + flags + ["bench"] + mf + [
                     "--iters", "5", "--warmup", "2"]
                 out = subprocess.run(cmd, env=dict(os.environ, RAYON_NUM_THREADS=str(a.threads), **env),
@@ -87,10 +96,10 @@ def run(steps, a):
                 med = float(line.split("median ")[1].split(" ms")[0])
                 res.setdefault((si, m), []).append(med)
                 print(f"round {r + 1} step {si + 1} {m}: {med:.1f} ms", file=sys.stderr)
-    print("| step | " + " | ".join(MODELS) + " |")
-    print("|---|" + "---:|" * len(MODELS))
+    print("| step | " + " | ".join(models) + " |")
+    print("|---|" + "---:|" * len(models))
     for si, (name, _, _, _) in enumerate(steps):
-        cells = " | ".join(f"{statistics.median(res[(si, m)]) / 1e3:.3f} s" for m in MODELS)
+        cells = " | ".join(f"{statistics.median(res[(si, m)]) / 1e3:.3f} s" for m in models)
         print(f"| {name} | {cells} |")
 
 
