@@ -213,22 +213,24 @@ pub(crate) fn forward_f32(
     let tile = winograd_tile(&p, (cin, cout), direct);
     if tile > 0 {
         // The transformed weights once for the batch.
-        let (u, forward) = if tile == 4 {
+        let (u, scheme) = if tile == 4 {
             (
                 crate::winograd::f4::transform_weights(k, cout, cin),
-                crate::winograd::f4::forward as WinogradForward,
+                &crate::winograd::f4::F4,
             )
         } else {
             (
                 crate::winograd::transform_weights(k, cout, cin),
-                crate::winograd::forward as WinogradForward,
+                &crate::winograd::F2,
             )
         };
         for b in 0..n {
             // SAFETY: image `b`'s `cout * l` outputs lie inside `out`'s capacity, and the
-            // residual (same shape as the output) holds image `b`'s values at the same offset.
+            // residual (same shape as the output) holds image `b`'s values at the same offset;
+            // `u` is the scheme's transform of `k`.
             unsafe {
-                forward(
+                crate::winograd::run(
+                    scheme,
                     &x[b * cin * hw..(b + 1) * cin * hw],
                     (cin, cout),
                     &u,
@@ -325,17 +327,6 @@ const WINOGRAD_MAX_SHARE: f64 = 0.6;
 /// 22 convs at 33x33 61-64 -> 53-57 ms, the decoder's two at 129x129 37 / 29 -> 28 / 26 ms,
 /// layer4's rate-2 pair 22 -> 19 ms, 65x65 unchanged.
 const WINOGRAD4_MAX_SHARE: f64 = 0.8;
-
-/// A Winograd forward of one image ([`crate::winograd::forward`] or its F(4x4) twin).
-type WinogradForward = unsafe fn(
-    &[f32],
-    (usize, usize),
-    &[f32],
-    &Patches,
-    Option<(&[f32], &[f32], crate::batch_norm::Activation)>,
-    Option<&[f32]>,
-    *mut f32,
-);
 
 /// The Winograd tile for a convolution (0: direct), given the direct path's multiplies per
 /// channel pair.

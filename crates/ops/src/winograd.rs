@@ -24,6 +24,52 @@ use crate::im2col::Patches;
 use crate::sgemm::{sgemm_raw_ex, RawOperand};
 use rayon::prelude::*;
 
+/// Defines the [`Scheme`] constant `$name` from the invoking module's `transform_input` and
+/// `output_rows`, each run through [`multiversion!`] in a named function (a closure coerced to a
+/// function pointer was not inlined into the SIMD variant: its FMAs became libm calls).
+macro_rules! scheme {
+    ($(#[$doc:meta])* $name:ident, m: $m:expr, tiles_max: $tiles:expr,
+     input_scratch: $is:expr, output_scratch: $os:expr) => {
+        $(#[$doc])*
+        pub(crate) const $name: $crate::winograd::Scheme = $crate::winograd::Scheme {
+            m: $m,
+            tiles_max: $tiles,
+            input_scratch: $is,
+            output_scratch: $os,
+            input: input_pass,
+            output: output_pass,
+        };
+
+        /// `transform_input` with the best SIMD set.
+        fn input_pass(
+            src: &[f32],
+            hw: (usize, usize),
+            axes: (&Axis, &Axis),
+            rows: (usize, usize),
+            dst: &mut [f32],
+            ld: usize,
+            scratch: &mut [f32],
+        ) {
+            multiversion!(|| transform_input(src, hw, axes, rows, dst, ld, scratch))
+        }
+
+        /// `output_rows` with the best SIMD set.
+        #[allow(clippy::too_many_arguments)]
+        fn output_pass(
+            mo: &[f32],
+            axes: (&Axis, &Axis),
+            rows: (usize, usize),
+            wo: usize,
+            y: &mut [f32],
+            dst: &mut [f32],
+            epi: Option<(f32, f32, Activation)>,
+            res: Option<&[f32]>,
+        ) {
+            multiversion!(|| output_rows(mo, axes, rows, wo, y, dst, epi, res))
+        }
+    };
+}
+
 pub(crate) mod f4;
 
 /// The largest Winograd tile the dispatcher may pick: 4 (F(4x4, 3x3) where it saves enough
@@ -43,9 +89,9 @@ pub(crate) fn max_tile() -> usize {
 /// (`16 x Cout x tiles`) are a few MiB for the channel counts of DeepLab's 3x3 convolutions.
 const TILES_MAX: usize = 480;
 
-/// The most floats of one block's transformed input (`16 x Cin x tiles`): 8 MiB, so a block of
-/// an ASPP branch's 2048 input channels holds a few tile rows.
-const V_BUDGET: usize = 2 << 20;
+/// The most floats of one block's transformed input (`(m + 2)² x Cin x tiles`): 8 MiB, so a
+/// block of an ASPP branch's 2048 input channels holds a few tile rows.
+pub(crate) const V_BUDGET: usize = 2 << 20;
 
 /// Whether a convolution can take the Winograd path: a 3x3 kernel, stride 1 (any dilation),
 /// and enough channels on both sides for the products to dominate the transforms.
@@ -310,15 +356,57 @@ fn transform_input(
     }
 }
 
-/// Winograd forward of image `x` (`cin x h x w`) into `out` (`cout x ho x wo`, every element
-/// written), with the per-channel epilogue `act(y * scale + shift (+ residual))` when given;
-/// `u` is [`transform_weights`] of the kernel (once per call, shared by a batch's images).
+/// One Winograd tile size's transforms, for [`run`]: F(`m`x`m`, 3x3) transforms `(m + 2)²`
+/// positions per tile.
+pub(crate) struct Scheme {
+    /// Outputs per tile along each axis.
+    pub m: usize,
+    /// The most tiles per block (the products' column count).
+    pub tiles_max: usize,
+    /// Scratch floats of one input-transform task, for blocks of `rows` tile rows.
+    pub input_scratch: fn(rows: usize, cols: &Axis) -> usize,
+    /// Scratch floats of one output-transform task, for blocks of `tiles` tiles, `tw` a row.
+    pub output_scratch: fn(tiles: usize, tw: usize) -> usize,
+    /// `Bᵀ d B` of a block's tile rows of one input plane (see F(2x2)'s `transform_input`).
+    #[allow(clippy::type_complexity)]
+    pub input:
+        fn(&[f32], (usize, usize), (&Axis, &Axis), (usize, usize), &mut [f32], usize, &mut [f32]),
+    /// `Aᵀ M A` of a block's tile rows of one output channel, through the epilogue (see
+    /// F(2x2)'s `output_rows`).
+    #[allow(clippy::type_complexity)]
+    pub output: fn(
+        &[f32],
+        (&Axis, &Axis),
+        (usize, usize),
+        usize,
+        &mut [f32],
+        &mut [f32],
+        Option<(f32, f32, Activation)>,
+        Option<&[f32]>,
+    ),
+}
+
+scheme!(
+    /// F(2x2, 3x3).
+    F2,
+    m: 2,
+    tiles_max: TILES_MAX,
+    input_scratch: |_, cols| 16 * cols.inputs,
+    output_scratch: |_, tw| 4 * tw
+);
+
+/// The Winograd forward of one image with tile scheme `s`: blocks of whole tile rows (as many as
+/// fit [`V_BUDGET`] and `s.tiles_max`), each transformed in parallel over input channels, its
+/// `(m + 2)²` products `M_ξ = U_ξ · V_ξ` in parallel over `ξ`, and its outputs transformed
+/// in parallel over output channels.
 ///
 /// # Safety
-/// `u` holds `cout * 16 * cin` values; `out` must be writable at `cout * ho * wo` elements and not accessed by anyone else during
-/// the call; `residual`, if any, holds `cout * ho * wo` values.
+/// `u` holds `cout * (m + 2)² * cin` values; `out` must be writable at `cout * ho * wo` elements
+/// and not accessed by anyone else during the call; `residual`, if any, holds `cout * ho * wo`
+/// values.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn forward(
+pub(crate) unsafe fn run(
+    s: &Scheme,
     x: &[f32],
     (cin, cout): (usize, usize),
     u: &[f32],
@@ -330,53 +418,46 @@ pub(crate) unsafe fn forward(
     let (h, w, ho, wo) = (p.h, p.w, p.ho, p.wo);
     let (pt, pl) = p.pad_top_left();
     let (dy, dx) = p.dilations();
-    let (rows_axis, cols) = (Axis::new(2, dy, pt, ho), Axis::new(2, dx, pl, wo));
+    let (rows_axis, cols) = (Axis::new(s.m, dy, pt, ho), Axis::new(s.m, dx, pl, wo));
     let (th, tw) = (rows_axis.tiles, cols.tiles);
     if th == 0 || tw == 0 {
         return;
     }
-    let rows_per_block = (TILES_MAX.min(V_BUDGET / (16 * cin)) / tw).max(1);
+    let xis = (s.m + 2) * (s.m + 2);
+    let rows_per_block = (s.tiles_max.min(V_BUDGET / (xis * cin)) / tw).max(1);
     let most = rows_per_block.min(th) * tw;
-    let mut v = vec![0f32; cin * 16 * most];
-    let mut m = vec![0f32; cout * 16 * most];
+    let mut v = vec![0f32; cin * xis * most];
+    let mut m = vec![0f32; cout * xis * most];
     let out = Ptr(out);
     let axes = (&rows_axis, &cols);
     for i0 in (0..th).step_by(rows_per_block) {
         let i1 = (i0 + rows_per_block).min(th);
         let tiles = (i1 - i0) * tw;
-        // V: [Cin][16][tiles].
-        v[..cin * 16 * tiles]
-            .par_chunks_mut(16 * tiles)
+        // V: [Cin][ξ][tiles].
+        v[..cin * xis * tiles]
+            .par_chunks_mut(xis * tiles)
             .enumerate()
             .for_each_init(
-                || vec![0f32; 16 * cols.inputs],
+                || vec![0f32; (s.input_scratch)(rows_per_block.min(th), &cols)],
                 |scratch, (c, dst)| {
                     let src = &x[c * h * w..(c + 1) * h * w];
-                    multiversion!(|| transform_input(
-                        src,
-                        (h, w),
-                        axes,
-                        (i0, i1),
-                        dst,
-                        tiles,
-                        scratch
-                    ))
+                    (s.input)(src, (h, w), axes, (i0, i1), dst, tiles, scratch)
                 },
             );
-        // M_ξ = U_ξ · V_ξ, M laid out [Cout][16][tiles].
+        // M_ξ = U_ξ · V_ξ, M laid out [Cout][ξ][tiles].
         let mp = Ptr(m.as_mut_ptr());
-        let (vr, ur) = (&v, u);
-        (0..16).into_par_iter().for_each(|xi| {
-            // SAFETY: `U_ξ` is `cout x cin` at offset `ξ * cin`, row stride `16 * cin`; `V_ξ`
-            // `cin x tiles` at `ξ * tiles`, stride `16 * tiles`; `M_ξ` `cout x tiles` at
-            // `ξ * tiles`, stride `16 * tiles`: rows of different `ξ` never overlap, so the
-            // 16 tasks write disjoint elements.
+        let vr = &v;
+        (0..xis).into_par_iter().for_each(|xi| {
+            // SAFETY: `U_ξ` is `cout x cin` at offset `ξ * cin`, row stride `xis * cin`; `V_ξ`
+            // `cin x tiles` at `ξ * tiles`, stride `xis * tiles`; `M_ξ` `cout x tiles` at
+            // `ξ * tiles`, stride `xis * tiles`: rows of different `ξ` never overlap, so the
+            // tasks write disjoint elements.
             unsafe {
                 sgemm_raw_ex(
                     (cout, tiles, cin),
-                    RawOperand::rows(ur.as_ptr().add(xi * cin), 16 * cin),
-                    RawOperand::rows(vr.as_ptr().add(xi * tiles), 16 * tiles),
-                    (mp.get().add(xi * tiles), 16 * tiles),
+                    RawOperand::rows(u.as_ptr().add(xi * cin), xis * cin),
+                    RawOperand::rows(vr.as_ptr().add(xi * tiles), xis * tiles),
+                    (mp.get().add(xi * tiles), xis * tiles),
                     false,
                     None,
                     1,
@@ -387,9 +468,9 @@ pub(crate) unsafe fn forward(
         // rows `[i0, i1)`.
         let mr = &m;
         (0..cout).into_par_iter().for_each_init(
-            || vec![0f32; 4 * tw],
+            || vec![0f32; (s.output_scratch)(most, tw)],
             |y, o| {
-                let mo = &mr[o * 16 * tiles..(o + 1) * 16 * tiles];
+                let mo = &mr[o * xis * tiles..(o + 1) * xis * tiles];
                 let base = o * ho * wo;
                 // SAFETY: channel `o` of the output: inside `out`, and only the rows of this
                 // block's tile rows are written, by this task alone (channels are split across
@@ -397,7 +478,7 @@ pub(crate) unsafe fn forward(
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(base), ho * wo) };
                 let res = residual.map(|r| &r[base..base + ho * wo]);
                 let epi = epi.map(|(s, t, act)| (s[o], t[o], act));
-                multiversion!(|| output_rows(mo, axes, (i0, i1), wo, y, dst, epi, res));
+                (s.output)(mo, axes, (i0, i1), wo, y, dst, epi, res)
             },
         );
     }
@@ -538,19 +619,10 @@ mod tests {
             ((3, 5), (1, 1), pad(1, 1, 1, 1)),
             ((37, 9), (2, 1), pad(2, 2, 0, 3)),
         ];
-        type Forward = unsafe fn(
-            &[f32],
-            (usize, usize),
-            &[f32],
-            &Patches,
-            Option<(&[f32], &[f32], Activation)>,
-            Option<&[f32]>,
-            *mut f32,
-        );
         type Transform = fn(&[f32], usize, usize) -> Vec<f32>;
-        let paths: [(&str, Transform, Forward); 2] = [
-            ("F(2x2)", transform_weights, forward),
-            ("F(4x4)", f4::transform_weights, f4::forward),
+        let paths: [(&str, Transform, &Scheme); 2] = [
+            ("F(2x2)", transform_weights, &F2),
+            ("F(4x4)", f4::transform_weights, &f4::F4),
         ];
         for (i, ((h, w), dilation, padding)) in cases.into_iter().enumerate() {
             let (cin, cout) = (32, 33);
@@ -572,7 +644,7 @@ mod tests {
             let rs = res.flatten_all()?.to_vec1::<f32>()?;
             let scale: Vec<f32> = (0..cout).map(|o| 0.5 + o as f32 / cout as f32).collect();
             let shift: Vec<f32> = (0..cout).map(|o| o as f32 / 10.0 - 1.0).collect();
-            for ((name, transform, forward), with_epilogue) in
+            for ((name, transform, scheme), with_epilogue) in
                 paths.into_iter().flat_map(|f| [(f, false), (f, true)])
             {
                 let mut out = vec![f32::NAN; cout * p.ho * p.wo];
@@ -580,7 +652,7 @@ mod tests {
                 let r = with_epilogue.then_some(&rs[..]);
                 // SAFETY: `out` holds the whole output, `rs` a residual of the same size.
                 let u = transform(&ks, cout, cin);
-                unsafe { forward(&xs, (cin, cout), &u, &p, epi, r, out.as_mut_ptr()) };
+                unsafe { run(scheme, &xs, (cin, cout), &u, &p, epi, r, out.as_mut_ptr()) };
                 let want = if with_epilogue {
                     let s = Tensor::new(&scale[..], &dev)?.reshape((1, cout, 1, 1))?;
                     let t = Tensor::new(&shift[..], &dev)?.reshape((1, cout, 1, 1))?;
@@ -651,8 +723,17 @@ mod tests {
                 transform_weights(&ks, cout, cin),
                 f4::transform_weights(&ks, cout, cin),
             );
-            forward(&xs, (cin, cout), &u2, &p, None, None, two.as_mut_ptr());
-            f4::forward(&xs, (cin, cout), &u4, &p, None, None, four.as_mut_ptr());
+            run(&F2, &xs, (cin, cout), &u2, &p, None, None, two.as_mut_ptr());
+            run(
+                &f4::F4,
+                &xs,
+                (cin, cout),
+                &u4,
+                &p,
+                None,
+                None,
+                four.as_mut_ptr(),
+            );
         }
         let (e_direct, e2, e4) = (err(&direct), err(&two), err(&four));
         println!(

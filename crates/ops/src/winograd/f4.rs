@@ -21,9 +21,7 @@
 
 use super::Axis;
 use crate::batch_norm::{epilogue_row, Activation};
-use crate::cpu::Ptr;
 use crate::im2col::Patches;
-use crate::sgemm::{sgemm_raw_ex, RawOperand};
 use rayon::prelude::*;
 
 /// `Bᵀ` (input transform) for the points 0, 1, -1, 2, -1/2, ∞ ([`bt`] writes it out).
@@ -59,9 +57,6 @@ const G: [[f64; 3]; 6] = [
 
 /// The most tiles per block (the products' column count; a tile row of a 129-wide map is 33).
 const TILES_MAX: usize = 240;
-
-/// The most floats of one block's transformed input (`36 x Cin x tiles`): 8 MiB.
-const V_BUDGET: usize = 2 << 20;
 
 /// The multiplies per channel pair of this path for `p` (36 per tile).
 pub(crate) fn products(p: &Patches) -> usize {
@@ -302,95 +297,14 @@ fn transform_input(
     }
 }
 
-/// Winograd F(4x4, 3x3) forward of image `x` (`cin x h x w`) into `out` (`cout x ho x wo`,
-/// every element written), with the per-channel epilogue `act(y * scale + shift (+ residual))`
-/// when given; `u` is [`transform_weights`] of the kernel.
-///
-/// # Safety
-/// `u` holds `cout * 36 * cin` values; `out` must be writable at `cout * ho * wo` elements and not accessed by anyone else during
-/// the call; `residual`, if any, holds `cout * ho * wo` values.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn forward(
-    x: &[f32],
-    (cin, cout): (usize, usize),
-    u: &[f32],
-    p: &Patches,
-    epi: Option<(&[f32], &[f32], Activation)>,
-    residual: Option<&[f32]>,
-    out: *mut f32,
-) {
-    let (h, w, ho, wo) = (p.h, p.w, p.ho, p.wo);
-    let (pt, pl) = p.pad_top_left();
-    let (dy, dx) = p.dilations();
-    let (rows_axis, cols) = (Axis::new(4, dy, pt, ho), Axis::new(4, dx, pl, wo));
-    let (th, tw) = (rows_axis.tiles, cols.tiles);
-    if th == 0 || tw == 0 {
-        return;
-    }
-    let rows_per_block = (TILES_MAX.min(V_BUDGET / (36 * cin)) / tw).max(1);
-    let most = rows_per_block.min(th) * tw;
-    let mut v = vec![0f32; cin * 36 * most];
-    let mut m = vec![0f32; cout * 36 * most];
-    let out = Ptr(out);
-    let axes = (&rows_axis, &cols);
-    for i0 in (0..th).step_by(rows_per_block) {
-        let i1 = (i0 + rows_per_block).min(th);
-        let tiles = (i1 - i0) * tw;
-        // V: [Cin][36][tiles].
-        v[..cin * 36 * tiles]
-            .par_chunks_mut(36 * tiles)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; 54 * rows_per_block.min(th) * cols.inputs],
-                |scratch, (c, dst)| {
-                    let src = &x[c * h * w..(c + 1) * h * w];
-                    multiversion!(|| transform_input(
-                        src,
-                        (h, w),
-                        axes,
-                        (i0, i1),
-                        dst,
-                        tiles,
-                        scratch
-                    ))
-                },
-            );
-        // M_ξ = U_ξ · V_ξ, M laid out [Cout][36][tiles].
-        let mp = Ptr(m.as_mut_ptr());
-        let (vr, ur) = (&v, u);
-        (0..36).into_par_iter().for_each(|xi| {
-            // SAFETY: `U_ξ` is `cout x cin` at offset `ξ * cin`, row stride `36 * cin`; `V_ξ`
-            // `cin x tiles` at `ξ * tiles`, stride `36 * tiles`; `M_ξ` `cout x tiles` at
-            // `ξ * tiles`, stride `36 * tiles`: the 36 tasks write disjoint elements.
-            unsafe {
-                sgemm_raw_ex(
-                    (cout, tiles, cin),
-                    RawOperand::rows(ur.as_ptr().add(xi * cin), 36 * cin),
-                    RawOperand::rows(vr.as_ptr().add(xi * tiles), 36 * tiles),
-                    (mp.get().add(xi * tiles), 36 * tiles),
-                    false,
-                    None,
-                    1,
-                )
-            }
-        });
-        let mr = &m;
-        (0..cout).into_par_iter().for_each_init(
-            || vec![0f32; 40 * most],
-            |y, o| {
-                let mo = &mr[o * 36 * tiles..(o + 1) * 36 * tiles];
-                let base = o * ho * wo;
-                // SAFETY: channel `o` of the output: inside `out`, and only the rows of this
-                // block's tile rows are written, by this task alone (channels are split across
-                // tasks, rows across the blocks, which run one after another).
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(base), ho * wo) };
-                let res = residual.map(|r| &r[base..base + ho * wo]);
-                let epi = epi.map(|(s, t, act)| (s[o], t[o], act));
-                multiversion!(|| output_rows(mo, axes, (i0, i1), wo, y, dst, epi, res));
-            },
-        );
-    }
-}
+scheme!(
+    /// F(4x4, 3x3) for [`super::run`].
+    F4,
+    m: 4,
+    tiles_max: TILES_MAX,
+    input_scratch: |rows, cols| 54 * rows * cols.inputs,
+    output_scratch: |tiles, _| 40 * tiles
+);
 
 /// `Aᵀ M A` of one output channel's tile rows `[i0, i1)` (`mo`: `[36][tiles]`) into its output
 /// plane `dst` (`ho x wo`; only those tile rows' output rows are written), through the
