@@ -1,9 +1,10 @@
-//! Winograd F(2x2, 3x3) convolution (Lavin & Gray 2016) for 3x3 stride-1 convolutions on the
-//! CPU in f32: each 2x2 output tile costs 16 multiplies per channel pair instead of 36, so the
-//! products shrink 2.25x against im2col + gemm. A dilated convolution is the undilated one on
-//! each phase subgrid of its output (`o mod d` per axis): its tiles are 2x2 outputs `d` apart,
-//! read 4x4 inputs `d` apart, and the phases' tiles are listed together, so all of them go
-//! through the same products ([`Axis`]).
+//! Winograd convolution (Lavin & Gray 2016) for 3x3 stride-1 convolutions on the CPU in f32:
+//! F(2x2, 3x3) here, F(4x4, 3x3) in [`f4`], both run by one driver ([`run`]) that takes a tile
+//! size's transforms as a [`Scheme`]. In F(2x2, 3x3) each 2x2 output tile costs 16 multiplies
+//! per channel pair instead of 36, so the products shrink 2.25x against im2col + gemm. A dilated
+//! convolution is the undilated one on each phase subgrid of its output (`o mod d` per axis):
+//! its tiles are 2x2 outputs `d` apart, read 4x4 inputs `d` apart, and the phases' tiles are
+//! listed together, so all of them go through the same products ([`Axis`]).
 //!
 //! With `U = G g Gᵀ` (per output/input channel pair), `V = Bᵀ d B` (per input channel and
 //! 4x4 input tile) and `Y = Aᵀ M A` where `M[ξ] = Σ_c U[ξ][o][c] · V[ξ][c][t]`, the 16
@@ -15,8 +16,9 @@
 //! The transforms run along a row of tiles on the even and odd input columns, so they
 //! vectorize. The rounding differs from a direct sum: on a ResNet layer3 convolution the
 //! error against an f64 computation is 6.7e-7 of the output's largest magnitude, against
-//! 3.9e-7 for a direct f32 sum (test `winograd_accuracy_against_f64`). The folded and unfolded
-//! paths both use it, so folding still changes no bit.
+//! 3.9e-7 for a direct f32 sum (F(4x4, 3x3): 5.1e-6; test `winograd_accuracy_against_f64`).
+//! The folded and unfolded paths both use it, so folding still changes no bit. Which tile a
+//! convolution gets is `crate::conv`'s choice (`DEEPLAB_WINOGRAD`, [`max_tile`]).
 
 use crate::batch_norm::{epilogue_row, Activation};
 use crate::cpu::Ptr;
