@@ -1038,7 +1038,7 @@ impl Epilogue {
             return self.apply(&crate::conv::conv2d(x, w, None, geom, 1)?);
         };
         let (_, _, kh, kw) = w.dims4()?;
-        let pointwise = kh == 1 && kw == 1 && geom.stride == (1, 1) && geom.padding.is_zero();
+        let pointwise = geom.is_pointwise((kh, kw));
         crate::profile::record_conv(
             ["conv 1x1 + epilogue", "conv kxk + epilogue"],
             x,

@@ -12,23 +12,21 @@
 //! and optionally a residual add fused into the tile stores when given). Two forward paths do
 //! less arithmetic: 3x3 stride-1 convolutions (any dilation) with at least 32 channels on both
 //! sides run as Winograd F(4x4, 3x3) or F(2x2, 3x3) (`crate::winograd`) where that saves enough
-//! multiplies, and
-//! other convolutions with more than 15% of their tap reads in the zero padding (large atrous
-//! rates on small maps) by output rectangles that skip those taps ([`forward_regions`]). 1x1
-//! stride-1 unpadded convolutions of f32 CPU tensors skip im2col: one product per image (see
-//! [`crate::pointwise`]); other devices and dtypes run them as one batched candle matmul.
-//! Grouped convolutions, f64 and other devices use candle's conv2d. candle 0.11's conv2d
-//! backward derives the transposed convolution's output padding from the height alone, so a
-//! strided convolution of an input whose height and width leave different remainders gets a
-//! wrong input gradient. That path
-//! pads explicitly and then crops the input to exactly the extent the kernel windows cover, so
-//! candle's output padding is zero on both axes and its backward is exact. Uncovered rows and
-//! columns get zero gradient through the crop.
+//! multiplies, and other convolutions with more than 15% of their tap reads in the zero padding
+//! (large atrous rates on small maps) by output rectangles that skip those taps
+//! ([`forward_regions`]). 1x1 stride-1 unpadded convolutions of f32 CPU tensors skip im2col: one
+//! product per image (see [`crate::pointwise`]); other devices and dtypes run them as one
+//! batched candle matmul. Grouped convolutions, f64 and other devices use candle's conv2d.
+//! candle 0.11's conv2d backward derives the transposed convolution's output padding from the
+//! height alone, so a strided convolution of an input whose height and width leave different
+//! remainders gets a wrong input gradient. That path pads explicitly and then crops the input to
+//! exactly the extent the kernel windows cover, so candle's output padding is zero on both axes
+//! and its backward is exact. Uncovered rows and columns get zero gradient through the crop.
 
 use crate::batch_norm::epilogue_row;
 use crate::cpu::{f32_slice, threads, Ptr};
 use crate::geometry::Conv2dGeometry;
-use crate::im2col::{col2im, fill_rows, im2col, Patches};
+use crate::im2col::{col2im, fill_rows, im2col, tap_major, Patches};
 use crate::sgemm::{sgemm_raw, sgemm_raw_ex, RawOperand, RowEpilogue};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::cell::Cell;
@@ -164,7 +162,7 @@ pub(crate) fn forward_f32(
             ws.dims()
         )
     }
-    if pointwise && ((kh, kw) != (1, 1) || geom.stride != (1, 1) || !geom.padding.is_zero()) {
+    if pointwise && !geom.is_pointwise((kh, kw)) {
         bail!(
             "pointwise conv: weight {:?} with {geom:?} is not a plain 1x1 convolution",
             ws.dims()
@@ -205,11 +203,7 @@ pub(crate) fn forward_f32(
             residual: residual.map(|(r, _)| &r[b * cout * l + oy0 * p.wo..]),
         })
     };
-    // The direct path's multiplies per channel pair (skipping the padding taps when many fall
-    // there) against Winograd's.
-    let share = if pointwise { 0.0 } else { p.padding_share() };
-    let regions = share > REGIONS_MIN_PADDING;
-    let direct = (l * p.taps()) as f64 * if regions { 1.0 - share } else { 1.0 };
+    let (regions, direct) = direct_path(&p, pointwise);
     let tile = winograd_tile(&p, (cin, cout), direct);
     if tile > 0 {
         // The transformed weights once for the batch.
@@ -314,8 +308,7 @@ pub(crate) fn forward_f32(
 const REGIONS_MIN_PADDING: f64 = 0.15;
 
 /// A 3x3 stride-1 convolution runs as Winograd (F(2x2, 3x3) or F(4x4, 3x3)) when that does at
-/// most this share of
-/// the direct path's multiplies (its transforms cost the rest): undilated and rate-2 convs on
+/// most this share of the direct path's multiplies (its transforms cost the rest): undilated and rate-2 convs on
 /// DeepLab's maps do 0.45-0.47; ResNet's rate-6 ASPP branch on 33x33 would do 0.69 of the
 /// rectangles' and measured slower on Winograd (36-38 vs 34-35 ms in alternating runs: the
 /// transforms of 2048 input channels for few tiles), its rates 12 and 18 more than the direct path.
@@ -327,6 +320,15 @@ const WINOGRAD_MAX_SHARE: f64 = 0.6;
 /// 22 convs at 33x33 61-64 -> 53-57 ms, the decoder's two at 129x129 37 / 29 -> 28 / 26 ms,
 /// layer4's rate-2 pair 22 -> 19 ms, 65x65 unchanged.
 const WINOGRAD4_MAX_SHARE: f64 = 0.8;
+
+/// Whether the direct path skips the padding taps ([`forward_regions`]), and its multiplies per
+/// channel pair (to weigh against Winograd's).
+fn direct_path(p: &Patches, pointwise: bool) -> (bool, f64) {
+    let share = if pointwise { 0.0 } else { p.padding_share() };
+    let regions = share > REGIONS_MIN_PADDING;
+    let skipped = if regions { share } else { 0.0 };
+    (regions, (p.ho * p.wo * p.taps()) as f64 * (1.0 - skipped))
+}
 
 /// The Winograd tile for a convolution (0: direct), given the direct path's multiplies per
 /// channel pair.
@@ -366,13 +368,7 @@ fn forward_regions(
     let mut wt = vec![0f32; cout * taps * cin];
     wt.par_chunks_mut(taps * cin)
         .zip(k.par_chunks(cin * taps))
-        .for_each(|(dst, src)| {
-            for (c, s) in src.chunks_exact(taps).enumerate() {
-                for (t, &v) in s.iter().enumerate() {
-                    dst[t * cin + c] = v;
-                }
-            }
-        });
+        .for_each(|(dst, src)| tap_major(src, taps, dst));
     let (ys, xs) = (p.segments(true), p.segments(false));
     let mut buf = SCRATCH.take();
     let mut tmp: Vec<f32> = Vec::new();
@@ -670,7 +666,7 @@ pub(crate) fn conv_residual_epilogue(
     let op = ConvResidual(ConvGemm {
         geom: *geom,
         epi: Some((scale.to_vec(), shift.to_vec(), act)),
-        pointwise: kh == 1 && kw == 1 && geom.stride == (1, 1) && geom.padding.is_zero(),
+        pointwise: geom.is_pointwise((kh, kw)),
     });
     x.contiguous()?
         .apply_op3_no_bwd(&w.contiguous()?, &residual.contiguous()?, &op)
@@ -741,8 +737,7 @@ pub fn conv2d(
         }
     }
     let (ho, wo) = geom.output_size((h, wd), (kh, kw))?;
-    let y = if kh == 1 && kw == 1 && geom.stride == (1, 1) && geom.padding.is_zero() && groups == 1
-    {
+    let y = if geom.is_pointwise((kh, kw)) && groups == 1 {
         if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
             crate::pointwise::pointwise(x, w)?
         } else {
@@ -795,14 +790,7 @@ mod tests {
         let tile = |size: usize, rate: usize, stride: usize, (cin, cout)| -> Result<usize> {
             let geom = Conv2dGeometry::deeplab(3, stride, rate);
             let p = Patches::new((size, size), (3, 3), &geom)?;
-            let share = p.padding_share();
-            let direct = (p.ho * p.wo * p.taps()) as f64
-                * if share > REGIONS_MIN_PADDING {
-                    1.0 - share
-                } else {
-                    1.0
-                };
-            Ok(winograd_tile(&p, (cin, cout), direct))
+            Ok(winograd_tile(&p, (cin, cout), direct_path(&p, false).1))
         };
         assert_eq!(tile(129, 1, 1, (304, 256))?, 4);
         assert_eq!(tile(129, 1, 1, (64, 64))?, 4);

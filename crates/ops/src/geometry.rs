@@ -116,6 +116,12 @@ impl Conv2dGeometry {
         }
     }
 
+    /// Whether a `kernel`-sized convolution with this geometry is pointwise: 1x1, stride 1, no
+    /// padding (its patch matrix is the input itself).
+    pub fn is_pointwise(&self, kernel: (usize, usize)) -> bool {
+        kernel == (1, 1) && self.stride == (1, 1) && self.padding.is_zero()
+    }
+
     /// Rejects zero strides and dilations.
     pub fn validate(&self) -> Result<()> {
         if self.stride.0 == 0 || self.stride.1 == 0 {

@@ -48,6 +48,19 @@ fn valid_range(k: usize, s: usize, d: usize, p: usize, input: usize, out: usize)
     (lo, hi.max(lo))
 }
 
+/// One output channel's weights `src` (`[Cin][taps]`, as stored) copied tap-major into `dst`
+/// (`[taps][Cin]`), so each tap's row runs along the input channels. Plain scalar moves:
+/// AVX-512 gathers of the strided taps, and stride-`taps` reads into in-order rows, measured
+/// slower on Zen 5.
+pub(crate) fn tap_major(src: &[f32], taps: usize, dst: &mut [f32]) {
+    let cin = src.len() / taps;
+    for (c, s) in src.chunks_exact(taps).enumerate() {
+        for (t, &v) in s.iter().enumerate() {
+            dst[t * cin + c] = v;
+        }
+    }
+}
+
 impl Patches {
     pub fn new(input: (usize, usize), kernel: (usize, usize), g: &Conv2dGeometry) -> Result<Self> {
         let (ho, wo) = g.output_size(input, kernel)?;

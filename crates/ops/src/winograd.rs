@@ -22,7 +22,7 @@
 
 use crate::batch_norm::{epilogue_row, Activation};
 use crate::cpu::Ptr;
-use crate::im2col::Patches;
+use crate::im2col::{tap_major, Patches};
 use crate::sgemm::{sgemm_raw_ex, RawOperand};
 use rayon::prelude::*;
 
@@ -181,13 +181,8 @@ pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> 
         .for_each_init(
             || vec![0f32; 9 * cin],
             |taps, (dst, src)| {
-                // Tap-major copy (`taps[t][c]`) so the transform runs along the input channels;
-                // plain scalar moves (AVX-512 gathers of the stride-9 taps are slower on Zen 5).
-                for (c, g) in src.chunks_exact(9).enumerate() {
-                    for (t, &v) in g.iter().enumerate() {
-                        taps[t * cin + c] = v;
-                    }
-                }
+                // Tap-major, so the transform runs along the input channels.
+                tap_major(src, 9, taps);
                 multiversion!(|| weights_of_channel(dst, taps, cin))
             },
         );

@@ -21,7 +21,7 @@
 
 use super::Axis;
 use crate::batch_norm::{epilogue_row, Activation};
-use crate::im2col::Patches;
+use crate::im2col::{tap_major, Patches};
 use rayon::prelude::*;
 
 /// `Bᵀ` (input transform) for the points 0, 1, -1, 2, -1/2, ∞ ([`bt`] writes it out).
@@ -109,11 +109,7 @@ pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> 
             || vec![0f32; 27 * cin],
             |scratch, (dst, src)| {
                 let (taps, gg) = scratch.split_at_mut(9 * cin);
-                for (c, g) in src.chunks_exact(9).enumerate() {
-                    for (t, &v) in g.iter().enumerate() {
-                        taps[t * cin + c] = v;
-                    }
-                }
+                tap_major(src, 9, taps);
                 multiversion!(|| weights_of_channel(dst, taps, gg, cin))
             },
         );
