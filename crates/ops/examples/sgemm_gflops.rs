@@ -5,6 +5,7 @@
 //! over the pixels) and `dcols = Wᵀ · dY` (`A` column-major).
 //!
 //! `RAYON_NUM_THREADS=2 cargo run --release -p deeplab-ops --example sgemm_gflops -- --runs 9`
+//! (`--only 960x160x4225` runs the products whose `m`x`k`x`n` contains the text)
 //!
 //! Each shape alternates the two kernels for `--runs` rounds (default 7) and reports the
 //! median of each, and whether the results agree to 1e-5 relative.
@@ -26,6 +27,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .parse::<usize>()?
             .max(1),
         None => 7,
+    };
+    // `--only 960x160` keeps the products whose `m x k x n` contains the text (spaces dropped).
+    let only = match args.iter().position(|a| a == "--only") {
+        Some(i) => Some(args.get(i + 1).ok_or("--only needs a shape")?.clone()),
+        None => None,
     };
     let threads = rayon::current_num_threads();
     println!("threads: {threads}, runs: {runs}");
@@ -58,6 +64,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (2304, 256, 1089, true, false, "dX"),
         (256, 256, 16641, true, false, "dX"),
     ] {
+        if only
+            .as_ref()
+            .is_some_and(|o| !format!("{m}x{k}x{n}").contains(o.as_str()))
+        {
+            continue;
+        }
         let seeded = |len: usize, seed: u32| -> Vec<f32> {
             (0..len)
                 .map(|i| {

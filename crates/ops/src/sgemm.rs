@@ -403,23 +403,104 @@ thread_local! {
     static PACK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// The job grid: `(column panels per job, column jobs, rows per job, row jobs)`.
-fn grid(m: usize, n: usize, threads: usize) -> (usize, usize, usize, usize) {
-    let panels = n.div_ceil(NR);
-    let t = threads.max(1);
-    let per_job = if t == 1 {
-        panels.min(NC_PANELS)
-    } else {
-        panels.div_ceil(2 * t).clamp(1, NC_PANELS)
-    };
-    let col_jobs = panels.div_ceil(per_job);
-    let row_jobs = if t > 1 && col_jobs < 2 * t {
-        (2 * t).div_ceil(col_jobs).min(m.div_ceil(MR))
-    } else {
-        1
-    };
-    let rows = m.div_ceil(row_jobs).div_ceil(MR) * MR;
-    (per_job, col_jobs, rows, m.div_ceil(rows))
+/// How a product's tiles are split into parallel jobs: `row_jobs x col_jobs` jobs, row-major
+/// (job `j` takes row range `j / col_jobs`, column range `j % col_jobs`). Row ranges are
+/// whole multiples of [`MR`] rows, column ranges whole [`NR`]-column panels, both as even as
+/// the units allow; a job walks its panels in chunks of at most [`NC_PANELS`] (one packed
+/// block of `B` each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Grid {
+    /// Row panels of `MR` rows (the last may be partial).
+    row_panels: usize,
+    /// Column panels of `NR` columns (the last may be partial).
+    panels: usize,
+    row_jobs: usize,
+    col_jobs: usize,
+}
+
+/// The share of a panel's compute that packing one `B` panel costs (a load and a store per
+/// value against one `MR`-row tile of FMAs per depth step): what a split that packs `B`
+/// once per row job pays.
+const PACK_COST: f64 = 0.5;
+
+impl Grid {
+    /// The split for `threads` workers: one job when single-threaded, else the candidate
+    /// (1, `t` or `2t` row ranges by 1, `t` or `2t` column ranges, at least `t` jobs) whose
+    /// busiest worker has the least work, counting each tile by the 16-column vectors it
+    /// computes and each packed panel by [`PACK_COST`], with the jobs dealt to the workers in
+    /// contiguous runs (as rayon's splitting of the job range does when no one steals);
+    /// ties go to fewer jobs. An uneven split costs a whole panel row per worker: 23 panels
+    /// (1089 columns) in 4 column jobs leave one worker 12 panels and the other 11, 89
+    /// panels (4225 columns) in jobs of at most 10 panels give one worker 50 and the other 39.
+    fn new(m: usize, n: usize, threads: usize) -> Self {
+        let (row_panels, panels) = (m.div_ceil(MR), n.div_ceil(NR));
+        let one = Self {
+            row_panels,
+            panels,
+            row_jobs: 1,
+            col_jobs: 1,
+        };
+        let t = threads.max(1);
+        if t == 1 {
+            return one;
+        }
+        let mut best = (f64::INFINITY, usize::MAX, one);
+        for r in [1, t, 2 * t] {
+            for c in [1, t, 2 * t, 4 * t] {
+                if r > row_panels || c > panels || r * c < (2 * t).min(row_panels * panels) {
+                    continue;
+                }
+                let g = Self {
+                    row_jobs: r,
+                    col_jobs: c,
+                    ..one
+                };
+                let cost = g.makespan(n, t);
+                if cost < best.0 - 1e-9 || (cost <= best.0 + 1e-9 && r * c < best.1) {
+                    best = (cost, r * c, g);
+                }
+            }
+        }
+        best.2
+    }
+
+    /// `[start, end)` of part `i` of `total` units split evenly into `parts`.
+    fn part(total: usize, parts: usize, i: usize) -> (usize, usize) {
+        (i * total / parts, (i + 1) * total / parts)
+    }
+
+    /// Row panels `[start, end)` of row job `ri`.
+    fn row_range(&self, ri: usize) -> (usize, usize) {
+        Self::part(self.row_panels, self.row_jobs, ri)
+    }
+
+    /// Column panels `[start, end)` of column job `ci`.
+    fn col_range(&self, ci: usize) -> (usize, usize) {
+        Self::part(self.panels, self.col_jobs, ci)
+    }
+
+    /// The work of the busiest of `t` workers (see [`Grid::new`]) for `n` columns, in
+    /// full-tile units.
+    fn makespan(&self, n: usize, t: usize) -> f64 {
+        // Vectors of 16 columns computed by panel `q` over the vectors of a full panel.
+        let width = |q: usize| {
+            let cols = (n - q * NR).min(NR);
+            cols.div_ceil(16) as f64 / (NR / 16) as f64
+        };
+        let jobs = self.row_jobs * self.col_jobs;
+        let job = |j: usize| {
+            let (r0, r1) = self.row_range(j / self.col_jobs);
+            let (c0, c1) = self.col_range(j % self.col_jobs);
+            let w: f64 = (c0..c1).map(width).sum();
+            (r1 - r0) as f64 * w + PACK_COST * (c1 - c0) as f64
+        };
+        (0..t)
+            .map(|w| {
+                let (j0, j1) = Self::part(jobs, t, w);
+                (j0..j1).map(job).sum::<f64>()
+            })
+            .fold(0.0, f64::max)
+    }
 }
 
 /// The AVX-512 blocked product (see the module docs).
@@ -437,74 +518,82 @@ unsafe fn blocked(
     threads: usize,
 ) {
     use rayon::prelude::*;
-    let (per_job, col_jobs, rows, row_jobs) = grid(m, n, threads);
+    let g = Grid::new(m, n, threads);
     let kblocks = k.div_ceil(KC_MAX);
     let kc_max = k.div_ceil(kblocks);
     let pc = Ptr(c);
     let (pa, pb) = (Ptr(a), Ptr(b));
     let job = |j: usize| {
-        let (ri, ci) = (j / col_jobs, j % col_jobs);
-        let (i0, j0) = (ri * rows, ci * per_job * NR);
-        let (i1, j1) = ((i0 + rows).min(m), (j0 + per_job * NR).min(n));
-        let np = (j1 - j0).div_ceil(NR);
+        let (ri, ci) = (j / g.col_jobs, j % g.col_jobs);
+        let (r0, r1) = g.row_range(ri);
+        let (i0, i1) = (r0 * MR, (r1 * MR).min(m));
+        let (c0, c1) = g.col_range(ci);
+        // Chunks of at most `NC_PANELS` panels, as even as whole panels allow.
+        let chunks = (c1 - c0).div_ceil(NC_PANELS);
         let mut buf = PACK.take();
-        if buf.len() < kc_max * np * NR {
-            buf = vec![0f32; kc_max * per_job * NR];
+        let most = (c1 - c0).div_ceil(chunks);
+        if buf.len() < kc_max * most * NR {
+            buf = vec![0f32; kc_max * most * NR];
         }
         // Whole-struct uses (not `pa.0`), so the closure captures the `Send` wrappers.
         let (a, b, c) = (pa.get(), pb.get(), pc);
-        for p0 in (0..k).step_by(kc_max) {
-            let kc = kc_max.min(k - p0);
-            // SAFETY: rows `p0..p0 + kc`, columns `j0..j1` of `B` are in bounds.
-            unsafe { avx512::pack_b(b, p0, j0, kc, j1 - j0, &mut buf) };
-            let first = p0 == 0 && !accumulate;
-            let last = p0 + kc == k;
-            for i in (i0..i1).step_by(MR) {
-                let r = MR.min(i1 - i);
-                if i + MR < i1 {
-                    // The next row panel of `A` heads for L2 while this one is used.
-                    let rn = MR.min(i1 - i - MR);
-                    avx512::prefetch_a(a, i + MR, p0, rn, kc);
-                }
-                let e = match (&epi, last) {
-                    (Some(e), true) => Some(avx512::TileEpilogue {
-                        scale: &e.scale[i..i + r],
-                        shift: &e.shift[i..i + r],
-                        act: e.act,
-                        residual: e.residual.map(|res| res.as_ptr().wrapping_add(i * ldc)),
-                    }),
-                    _ => None,
-                };
-                for q in 0..np {
-                    let jj = j0 + q * NR;
-                    // SAFETY: the tile's rows `i..i + r` and columns `jj..jj + cols` are this
-                    // job's own part of `C`; `A` rows `i..i + r`, columns `p0..p0 + kc` are in
-                    // bounds; panel `q` of the packed block holds `kc * NR` values.
-                    let kernel = if a.transposed {
-                        avx512::kernel_t
-                    } else {
-                        avx512::kernel
+        for ch in 0..chunks {
+            let (q0, q1) = Grid::part(c1 - c0, chunks, ch);
+            let (j0, j1) = ((c0 + q0) * NR, ((c0 + q1) * NR).min(n));
+            let np = q1 - q0;
+            for p0 in (0..k).step_by(kc_max) {
+                let kc = kc_max.min(k - p0);
+                // SAFETY: rows `p0..p0 + kc`, columns `j0..j1` of `B` are in bounds.
+                unsafe { avx512::pack_b(b, p0, j0, kc, j1 - j0, &mut buf) };
+                let first = p0 == 0 && !accumulate;
+                let last = p0 + kc == k;
+                for i in (i0..i1).step_by(MR) {
+                    let r = MR.min(i1 - i);
+                    if i + MR < i1 {
+                        // The next row panel of `A` heads for L2 while this one is used.
+                        let rn = MR.min(i1 - i - MR);
+                        avx512::prefetch_a(a, i + MR, p0, rn, kc);
+                    }
+                    let e = match (&epi, last) {
+                        (Some(e), true) => Some(avx512::TileEpilogue {
+                            scale: &e.scale[i..i + r],
+                            shift: &e.shift[i..i + r],
+                            act: e.act,
+                            residual: e.residual.map(|res| res.as_ptr().wrapping_add(i * ldc)),
+                        }),
+                        _ => None,
                     };
-                    unsafe {
-                        kernel(
-                            kc,
-                            a.at(i, p0),
-                            a.ld,
-                            r,
-                            buf.as_ptr().add(q * kc * NR),
-                            c.0.add(i * ldc + jj),
-                            ldc,
-                            NR.min(j1 - jj),
-                            first,
-                            e.map(|e| e.at_column(jj)),
-                        )
+                    for q in 0..np {
+                        let jj = j0 + q * NR;
+                        // SAFETY: the tile's rows `i..i + r` and columns `jj..jj + cols` are this
+                        // job's own part of `C`; `A` rows `i..i + r`, columns `p0..p0 + kc` are in
+                        // bounds; panel `q` of the packed block holds `kc * NR` values.
+                        let kernel = if a.transposed {
+                            avx512::kernel_t
+                        } else {
+                            avx512::kernel
+                        };
+                        unsafe {
+                            kernel(
+                                kc,
+                                a.at(i, p0),
+                                a.ld,
+                                r,
+                                buf.as_ptr().add(q * kc * NR),
+                                c.0.add(i * ldc + jj),
+                                ldc,
+                                NR.min(j1 - jj),
+                                first,
+                                e.map(|e| e.at_column(jj)),
+                            )
+                        }
                     }
                 }
             }
         }
         PACK.set(buf);
     };
-    let jobs = col_jobs * row_jobs;
+    let jobs = g.row_jobs * g.col_jobs;
     if threads > 1 && jobs > 1 {
         (0..jobs).into_par_iter().for_each(job);
     } else {
@@ -739,11 +828,23 @@ mod avx512 {
                 if let Some(r) = epi.and_then(|e| e.residual) {
                     // The tile's residual lines head for L1 while the products run, so the
                     // epilogue's loads do not wait on memory (ResNet-101's 33 residual 1x1 convs:
-                    // 68 -> 62 ms in alternating profiles; prefetching the output lines too
-                    // changed nothing).
+                    // 68 -> 62 ms in alternating profiles).
                     for i in 0..rows {
                         for v in (0..cols).step_by(16) {
                             _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(i * ldc + v) as *const i8);
+                        }
+                    }
+                }
+                if first {
+                    // The tile's lines of `C` are requested for writing now, so the stores
+                    // after the product loop do not each wait for their line (a product with a
+                    // short depth and a large `C`, as MobileNetV2's 160 -> 960 expansion at
+                    // 65x65, writes 16 MB past the caches; alternating in one process: 960 x
+                    // 160 x 4225 276 -> 336-351 GFLOP/s median, 384 x 64 x 4225 188 -> 273,
+                    // 1024 x 256 x 1089 329 -> 373, 256 x 256 x 16641 286 -> 322).
+                    for i in 0..rows {
+                        for v in (0..cols).step_by(16) {
+                            _mm_prefetch::<_MM_HINT_ET0>(c.wrapping_add(i * ldc + v) as *const i8);
                         }
                     }
                 }
@@ -824,15 +925,58 @@ mod tests {
     fn grid_covers_the_matrix() {
         for (m, n, t) in [
             (1, 1, 1),
+            (1, 1, 2),
             (728, 1089, 2),
             (3, 5000, 2),
             (2048, 17, 4),
             (9, 48, 2),
+            (960, 4225, 2),
+            (64, 4225, 3),
+            (256, 289, 2),
         ] {
-            let (per_job, col_jobs, rows, row_jobs) = grid(m, n, t);
-            assert!((1..=NC_PANELS).contains(&per_job));
-            assert!(col_jobs * per_job * NR >= n && (col_jobs - 1) * per_job * NR < n);
-            assert!(rows % MR == 0 && rows * row_jobs >= m && (row_jobs - 1) * rows < m);
+            let g = Grid::new(m, n, t);
+            // Every tile (row panel, column panel) belongs to exactly one job.
+            let mut seen = vec![0u8; g.row_panels * g.panels];
+            for j in 0..g.row_jobs * g.col_jobs {
+                let (r0, r1) = g.row_range(j / g.col_jobs);
+                let (c0, c1) = g.col_range(j % g.col_jobs);
+                assert!(r0 < r1 && c0 < c1, "{m}x{n}/{t}: empty job {j} of {g:?}");
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        seen[r * g.panels + c] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&s| s == 1), "{m}x{n}/{t}: {g:?}");
+            assert_eq!((g.row_panels, g.panels), (m.div_ceil(MR), n.div_ceil(NR)));
         }
+    }
+
+    /// The busiest worker's share of the tiles stays within a few percent of an even split
+    /// on the model's shapes (the previous fixed-size column jobs left 12 of 23 panels to one
+    /// of two workers, and 50 of 89).
+    #[test]
+    fn grid_balances_the_workers() {
+        for (m, n, t, within) in [
+            (728, 1089, 2, 1.02),
+            (1024, 1089, 2, 1.02),
+            (256, 1089, 2, 1.03),
+            (960, 4225, 2, 1.02),
+            (160, 4225, 2, 1.02),
+            (256, 16641, 2, 1.02),
+            (2048, 1089, 4, 1.03),
+        ] {
+            let g = Grid::new(m, n, t);
+            let one = Grid::new(m, n, 1);
+            let even = one.makespan(n, 1) / t as f64;
+            let got = g.makespan(n, t);
+            assert!(
+                got <= within * even,
+                "{m}x{n} on {t}: busiest {got:.1} vs even {even:.1} ({g:?})"
+            );
+        }
+        // A single row panel can only be split by columns; a single column panel by rows.
+        assert_eq!(Grid::new(8, 4225, 2).row_jobs, 1);
+        assert_eq!(Grid::new(2048, 40, 2).col_jobs, 1);
     }
 }
