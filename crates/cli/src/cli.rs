@@ -454,6 +454,9 @@ pub struct BenchArgs {
     /// individual layer shapes.
     #[arg(long)]
     pub profile: bool,
+    /// With `--profile`: how many of the costliest layer shapes to list.
+    #[arg(long, default_value_t = 12, value_name = "N")]
+    pub profile_shapes: usize,
 }
 
 /// `deeplab convert`.
@@ -1281,7 +1284,12 @@ fn cmd_bench(a: BenchArgs, inference: &Inference) -> Result<()> {
     );
     if a.profile {
         deeplab_ops::profile::enable(false);
-        print_profile(deeplab_ops::profile::take(), a.iters, mean);
+        print_profile(
+            deeplab_ops::profile::take(),
+            a.iters,
+            mean,
+            a.profile_shapes,
+        );
     }
     if a.json {
         let matmul = matmul_gflops(device)?;
@@ -1306,6 +1314,7 @@ fn print_profile(
     rows: Vec<((String, String), deeplab_ops::profile::Entry)>,
     iters: usize,
     mean: f64,
+    shapes: usize,
 ) {
     let per = |s: f64| s / iters as f64 * 1e3;
     let mut kinds: BTreeMap<String, (u64, f64)> = BTreeMap::new();
@@ -1340,7 +1349,7 @@ fn print_profile(
     println!("costliest layer shapes:");
     println!("| layer | shape | calls | ms |");
     println!("|---|---|---:|---:|");
-    for ((k, d), e) in top.iter().take(12) {
+    for ((k, d), e) in top.iter().take(shapes) {
         println!(
             "| {k} | {d} | {} | {:.1} |",
             e.calls / iters as u64,
