@@ -22,6 +22,10 @@ and the fifth session's:
         --step "+ max pool by rows=/tmp/deeplab-0df0bdf" \
         --step "+ Winograd F(4x4,3x3)=/tmp/deeplab-760a84d" \
         --step "+ residual prefetch=target/release/deeplab"
+and the sixth session's (the middle binary: f8e057b without the microkernel's write prefetch of `C`):
+    python3 benches/peers/steps.py --rounds 3 --step "session start (2fbfdf1)=/tmp/deeplab-2fbfdf1" \
+        --step "+ balanced sgemm grid=/tmp/deeplab-grid" \
+        --step "+ write prefetch of C (008a3bb)=target/release/deeplab"
 """
 import argparse
 import os

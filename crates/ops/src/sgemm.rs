@@ -425,7 +425,9 @@ const PACK_COST: f64 = 0.5;
 
 impl Grid {
     /// The split for `threads` workers: one job when single-threaded, else the candidate
-    /// (1, `t` or `2t` row ranges by 1, `t` or `2t` column ranges, at least `t` jobs) whose
+    /// (1, `t` or `2t` row ranges by 1, `t`, `2t` or `4t` column ranges, at least `2t` jobs
+    /// where the tiles allow, so a worker slowed by a neighbour on the machine can leave jobs to
+    /// the others: a 2-job split measured slower than the old grid in a noisy period) whose
     /// busiest worker has the least work, counting each tile by the 16-column vectors it
     /// computes and each packed panel by [`PACK_COST`], with the jobs dealt to the workers in
     /// contiguous runs (as rayon's splitting of the job range does when no one steals);
