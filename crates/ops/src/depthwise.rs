@@ -482,6 +482,31 @@ fn forward_cpu(
         unsafe { out.set_len(len) };
         return out;
     }
+    #[cfg(target_arch = "x86_64")]
+    if p.kh == 3
+        && p.kw == 3
+        && (p.sy, p.sx) == (2, 2)
+        && (p.dy, p.dx) == (1, 1)
+        && crate::cpu::has_avx512()
+    {
+        let d = avx512::Direct2::new((p.h, p.w), (p.ho, p.wo), (p.pt, p.pl));
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(per * out_len)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                for (i, o) in chunk.chunks_exact_mut(out_len).enumerate() {
+                    let plane = task * per + i;
+                    let ch = plane % c;
+                    let src = &x[plane * in_len..][..in_len];
+                    let kk = &k[ch * k_len..][..k_len];
+                    // SAFETY: the CPU reports AVX-512F.
+                    unsafe { d.plane(src, kk, bias.at(ch), input_relu, act, o) };
+                }
+            });
+        // SAFETY: `Direct2::plane` wrote every value of every plane.
+        unsafe { out.set_len(len) };
+        return out;
+    }
     let taps = p.taps();
     out.spare_capacity_mut()[..len]
         .par_chunks_mut(per * out_len)
@@ -1397,6 +1422,200 @@ mod avx512 {
     const ROWS: usize = 8;
     const _: () = assert!(ROWS >= 1 && ROWS <= 8);
 
+    /// Output rows per register block of [`Direct2`]: `2 * ROWS2 + 1` input rows feed them.
+    const ROWS2: usize = 4;
+
+    /// A 3x3 kernel at stride 2 (dilation 1) straight from the input plane, no scratch: each
+    /// 16-column output chunk loads the 33 input columns it reads as three vectors and splits
+    /// them into the three taps' even / odd / next-even lanes in registers (two permutes and a
+    /// lane shift), instead of first copying the plane into a phase-split scratch. Padding as in
+    /// [`Direct`]: input rows outside the plane are skipped, load lanes outside it masked. The
+    /// taps are summed in the same order as the scratch kernels (row-major), so the outputs are
+    /// the same bits.
+    pub(super) struct Direct2 {
+        h: usize,
+        w: usize,
+        ho: usize,
+        wo: usize,
+        pt: usize,
+        pl: usize,
+        /// Per 16-column output chunk: the lanes of its three input vectors (columns
+        /// `32 c - pl + 16 t + lane`) inside the input row.
+        load: Vec<[__mmask16; 3]>,
+        /// Per chunk: the lanes left of `wo`.
+        store: Vec<__mmask16>,
+    }
+
+    impl Direct2 {
+        /// The plan of a 3x3 stride-2 convolution of an `h x w` plane giving `ho x wo`, with
+        /// top / left padding `pt` / `pl`.
+        pub(super) fn new(
+            (h, w): (usize, usize),
+            (ho, wo): (usize, usize),
+            (pt, pl): (usize, usize),
+        ) -> Self {
+            let chunks = wo.div_ceil(16);
+            let mask = |f: &dyn Fn(usize) -> bool| {
+                (0..16).fold(0u16, |m, l| if f(l) { m | 1 << l } else { m })
+            };
+            let load = (0..chunks)
+                .map(|c| {
+                    let m = |t: usize| {
+                        mask(&|l| (32 * c + 16 * t + l).checked_sub(pl).is_some_and(|x| x < w))
+                    };
+                    [m(0), m(1), m(2)]
+                })
+                .collect();
+            let store = (0..chunks).map(|c| mask(&|l| 16 * c + l < wo)).collect();
+            Self {
+                h,
+                w,
+                ho,
+                wo,
+                pt,
+                pl,
+                load,
+                store,
+            }
+        }
+
+        /// `out = act(conv(relu ? max(src, 0) : src, k) + bias)` for one plane.
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn plane(
+            &self,
+            src: &[f32],
+            k: &[f32],
+            bias: Epi,
+            relu: bool,
+            act: Activation,
+            out: &mut [MaybeUninit<f32>],
+        ) {
+            assert!(
+                src.len() == self.h * self.w && out.len() == self.ho * self.wo && k.len() == 9,
+                "depthwise stride-2 kernel: plane sizes do not match the plan"
+            );
+            let kv: [__m512; 9] = std::array::from_fn(|i| _mm512_set1_ps(k[i]));
+            let (sp, op) = (src.as_ptr(), out.as_mut_ptr() as *mut f32);
+            // SAFETY: loads read only rows inside the plane and, through the masks, only its
+            // columns; stores are masked to the `wo` columns of rows below `ho`.
+            unsafe {
+                match (relu, act) {
+                    (false, Activation::None) => self.rows::<0, false>(sp, op, &kv, bias),
+                    (false, Activation::Relu) => self.rows::<1, false>(sp, op, &kv, bias),
+                    (false, Activation::Relu6) => self.rows::<2, false>(sp, op, &kv, bias),
+                    (true, Activation::None) => self.rows::<0, true>(sp, op, &kv, bias),
+                    (true, Activation::Relu) => self.rows::<1, true>(sp, op, &kv, bias),
+                    (true, Activation::Relu6) => self.rows::<2, true>(sp, op, &kv, bias),
+                }
+            }
+        }
+
+        /// Every output row once, in blocks of up to [`ROWS2`] consecutive rows.
+        ///
+        /// # Safety
+        /// As [`Direct2::plane`], after its checks.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn rows<const A: u8, const IR: bool>(
+            &self,
+            sp: *const f32,
+            op: *mut f32,
+            kv: &[__m512; 9],
+            bias: Epi,
+        ) {
+            let mut oy = 0;
+            // SAFETY: every block's rows are below `ho`.
+            unsafe {
+                while oy + ROWS2 <= self.ho {
+                    self.block::<ROWS2, A, IR>(sp, op, kv, bias, oy);
+                    oy += ROWS2;
+                }
+                match self.ho - oy {
+                    0 => {}
+                    1 => self.block::<1, A, IR>(sp, op, kv, bias, oy),
+                    2 => self.block::<2, A, IR>(sp, op, kv, bias, oy),
+                    _ => self.block::<3, A, IR>(sp, op, kv, bias, oy),
+                }
+            }
+        }
+
+        /// Output rows `oy..oy + R`, all columns.
+        ///
+        /// # Safety
+        /// As [`Direct2::plane`]; `oy + R <= ho`.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn block<const R: usize, const A: u8, const IR: bool>(
+            &self,
+            sp: *const f32,
+            op: *mut f32,
+            kv: &[__m512; 9],
+            bias: Epi,
+            oy: usize,
+        ) {
+            // Lane `i` of the pair (a, b) at 2i (even) and 2i + 1 (odd).
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            let zero = _mm512_setzero_ps();
+            let (sv, tv) = (_mm512_set1_ps(bias.scale), _mm512_set1_ps(bias.shift));
+            for (c, (load, &store)) in self.load.iter().zip(&self.store).enumerate() {
+                let mut acc = [_mm512_set1_ps(bias.init); R];
+                for j in 0..2 * R + 1 {
+                    // Input row of tap row `j - 2i` of output row `oy + i`; rows outside the
+                    // plane are zero padding and contribute nothing.
+                    let Some(iy) = (2 * oy + j).checked_sub(self.pt).filter(|&iy| iy < self.h)
+                    else {
+                        continue;
+                    };
+                    // SAFETY: `iy < h`, so the row is inside the plane.
+                    let row = unsafe { sp.add(iy * self.w) };
+                    let base = (32 * c) as isize - self.pl as isize;
+                    let v: [__m512; 3] = std::array::from_fn(|t| {
+                        // The pointer may lie outside the row, but only the mask's lanes,
+                        // which are inside it, are read.
+                        let p = row.wrapping_offset(base + 16 * t as isize);
+                        // SAFETY: masked lanes are inside the row (see `Direct2::new`).
+                        let x = unsafe { _mm512_maskz_loadu_ps(load[t], p) };
+                        if IR {
+                            _mm512_max_ps(x, zero)
+                        } else {
+                            x
+                        }
+                    });
+                    // Taps kx = 0, 1, 2 of output column 16c + i read input columns
+                    // 32c - pl + 2i + kx.
+                    let e0 = _mm512_permutex2var_ps(v[0], even, v[1]);
+                    let o0 = _mm512_permutex2var_ps(v[0], odd, v[1]);
+                    let e1 = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                        _mm512_castps_si512(v[2]),
+                        _mm512_castps_si512(e0),
+                    ));
+                    let taps = [e0, o0, e1];
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        if j >= 2 * i && j - 2 * i < 3 {
+                            let ky = j - 2 * i;
+                            for (kx, &t) in taps.iter().enumerate() {
+                                *a = _mm512_fmadd_ps(t, kv[ky * 3 + kx], *a);
+                            }
+                        }
+                    }
+                }
+                for (i, &a) in acc.iter().enumerate() {
+                    // SAFETY: row `oy + i < ho`; the store mask stops at `wo`.
+                    unsafe {
+                        _mm512_mask_storeu_ps(
+                            op.add((oy + i) * self.wo + 16 * c),
+                            store,
+                            activate::<A>(_mm512_fmadd_ps(a, sv, tv)),
+                        )
+                    };
+                }
+            }
+        }
+    }
+
     /// The cache lines of the next plane still to prefetch.
     struct Prefetch<'a> {
         lines: std::slice::Chunks<'a, f32>,
@@ -1628,7 +1847,7 @@ mod tests {
                 right: 0,
             },
         ];
-        let mut checked = 0;
+        let (mut checked, mut direct2) = (0, 0);
         for (kh, kw) in [(3, 3), (5, 5), (1, 1), (3, 2)] {
             for s in [1, 2] {
                 for d in [1, 2, 5] {
@@ -1684,6 +1903,25 @@ mod tests {
                                     // SAFETY: the CPU reports AVX-512F.
                                     unsafe { d.plane(&x, &x, &k, epi, relu, act, &mut a) };
                                 }
+                                #[cfg(target_arch = "x86_64")]
+                                if (kh, kw, s, d) == (3, 3, 2, 1) && crate::cpu::has_avx512() {
+                                    // The scratch-free stride-2 kernel: the same taps in the
+                                    // same order as the scratch kernel, so the same bits.
+                                    let d2 =
+                                        avx512::Direct2::new((h, w), (p.ho, p.wo), (p.pt, p.pl));
+                                    let mut c = vec![MaybeUninit::new(f32::NAN); n];
+                                    // SAFETY: the CPU reports AVX-512F.
+                                    unsafe { d2.plane(&x, &k, epi, relu, act, &mut c) };
+                                    for (i, (a, c)) in a.iter().zip(&c).enumerate() {
+                                        // SAFETY: initialised above.
+                                        let (a, c) = unsafe { (a.assume_init(), c.assume_init()) };
+                                        assert!(
+                                            a.to_bits() == c.to_bits(),
+                                            "stride-2 kernel w{w} {padding:?} {act:?} at {i}: {c} vs {a}"
+                                        );
+                                    }
+                                    direct2 += 1;
+                                }
                                 for (i, (a, b)) in a.iter().zip(&b).enumerate() {
                                     // SAFETY: initialised above.
                                     let (a, b) = unsafe { (a.assume_init(), b.assume_init()) };
@@ -1700,6 +1938,10 @@ mod tests {
             }
         }
         assert!(checked > 300, "only {checked} geometries checked");
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::has_avx512() {
+            assert!(direct2 >= 30, "only {direct2} stride-2 geometries checked");
+        }
         Ok(())
     }
 }
