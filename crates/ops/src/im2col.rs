@@ -188,6 +188,23 @@ impl Patches {
             .collect()
     }
 
+    /// Where in an input plane tap `(ky, kx)` reads for output pixel `(oy, ox)` (which must read
+    /// inside the input), and the input distance between consecutive output rows: the
+    /// addressing of [`crate::sgemm::PatchRows`]. `None` at a column stride other than 1 (a
+    /// rectangle's row is then not a contiguous run).
+    pub(crate) fn read_at(
+        &self,
+        (ky, kx): (usize, usize),
+        (oy, ox): (usize, usize),
+    ) -> Option<(usize, usize)> {
+        if self.sx != 1 {
+            return None;
+        }
+        let iy = oy * self.sy + ky * self.dy - self.pt;
+        let ix = ox + kx * self.dx - self.pl;
+        Some((iy * self.w + ix, self.sy * self.w))
+    }
+
     /// Writes the values tap `(ky, kx)` reads from input plane `src` for the output rectangle
     /// `[y0, y1) x [x0, x1)` into `dst` (row-major, `(y1 - y0) * (x1 - x0)`), every read
     /// inside the input (the rectangle lies in one segment of each axis with that tap valid).

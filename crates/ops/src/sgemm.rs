@@ -180,6 +180,82 @@ impl RawOperand {
     }
 }
 
+/// A `B` operand gathered from image planes as it is packed, instead of a stored patch
+/// matrix: row `p` is input channel `p % cin` at tap `p / cin`, column `j` output pixel `(j /
+/// nx, j % nx)` of an output rectangle `nx` wide; element `(p, j)` is
+/// `x[(p % cin) * plane + tap_off[p / cin] + (j / nx) * row_step + j % nx]` (`tap_off[t]`:
+/// where tap `t` reads the rectangle's first pixel, `row_step`: the input distance between
+/// consecutive output rows). The rectangle path of a convolution multiplies by this without
+/// writing its patch matrix first.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PatchRows<'a> {
+    /// The image's input planes.
+    pub x: &'a [f32],
+    /// Elements per input plane.
+    pub plane: usize,
+    /// Input channels per tap.
+    pub cin: usize,
+    /// Input elements between consecutive output rows of the rectangle.
+    pub row_step: usize,
+    /// The rectangle's width.
+    pub nx: usize,
+    /// Per tap, the offset (within a plane) of the rectangle's first pixel.
+    pub tap_off: &'a [usize],
+}
+
+impl PatchRows<'_> {
+    /// Checks that every element of a `rows x cols` operand lies inside `x`.
+    fn check(&self, rows: usize, cols: usize) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let taps = rows.div_ceil(self.cin);
+        if self.nx == 0 || self.cin == 0 || taps > self.tap_off.len() {
+            bail!(
+                "sgemm: {rows} patch rows do not fit {} taps of {} channels (rectangle {} wide)",
+                self.tap_off.len(),
+                self.cin,
+                self.nx
+            )
+        }
+        // The farthest pixel: the last column's, or the end of the row before it.
+        let r = (cols - 1) / self.nx;
+        let last_pixel = (r * self.row_step + (cols - 1) % self.nx)
+            .max((r * self.row_step + self.nx - 1).saturating_sub(self.row_step));
+        let far = self.tap_off[..taps].iter().max().copied().unwrap_or(0);
+        let need = (rows.min(self.cin) - 1) * self.plane + far + last_pixel + 1;
+        if self.x.len() < need {
+            bail!(
+                "sgemm: patch rows reach element {need} of an input of {}",
+                self.x.len()
+            )
+        }
+        Ok(())
+    }
+
+    /// Row `p`, columns `j0..j0 + dst.len()`, into `dst`.
+    #[inline]
+    fn gather(&self, p: usize, j0: usize, dst: &mut [f32]) {
+        let base = (p % self.cin) * self.plane + self.tap_off[p / self.cin];
+        let (mut j, mut k) = (j0, 0);
+        while k < dst.len() {
+            let (r, c) = (j / self.nx, j % self.nx);
+            let run = (self.nx - c).min(dst.len() - k);
+            let at = base + r * self.row_step + c;
+            dst[k..k + run].copy_from_slice(&self.x[at..at + run]);
+            j += run;
+            k += run;
+        }
+    }
+}
+
+/// Where the blocked product reads `B` from.
+#[derive(Clone, Copy, Debug)]
+enum BSource<'a> {
+    Matrix(RawOperand),
+    Patches(PatchRows<'a>),
+}
+
 /// `C[m x n] = A[m x k] · B[k x n]` (row-major, row strides `lda`, `ldb`, `ldc`), then the
 /// epilogue on each row if given. `C` is only written. `threads > 1` runs the blocks on the
 /// rayon pool; the result is the same bit for bit for any `threads`.
@@ -341,7 +417,17 @@ pub(crate) unsafe fn sgemm_raw_ex(
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx512() {
         // SAFETY: the CPU has AVX-512F; the caller's contract covers the rest.
-        unsafe { blocked((m, n, k), a, b, (c, ldc), accumulate, epi, threads) };
+        unsafe {
+            blocked(
+                (m, n, k),
+                a,
+                BSource::Matrix(b),
+                (c, ldc),
+                accumulate,
+                epi,
+                threads,
+            )
+        };
         return;
     }
     // (row stride, column stride) of an operand for the gemm crate.
@@ -388,6 +474,41 @@ pub(crate) unsafe fn sgemm_raw_ex(
             apply_row(row, e, i, ldc);
         }
     }
+}
+
+/// `C[m x n] = A[m x k] · B[k x n]`, or `C += A · B` with `accumulate`, with `B` gathered from
+/// image planes while it is packed ([`PatchRows`]): the same bits as the product with the
+/// patch matrix written out. Needs AVX-512 ([`crate::cpu::has_avx512`]): callers without it
+/// write the patch matrix and call [`sgemm_raw_ex`].
+///
+/// # Safety
+/// As [`sgemm_raw_ex`] for `a` and `c`; the CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn sgemm_patches(
+    (m, n, k): (usize, usize, usize),
+    a: RawOperand,
+    b: PatchRows<'_>,
+    c: (*mut f32, usize),
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
+    b.check(k, n)?;
+    if m == 0 || n == 0 || k == 0 {
+        bail!("sgemm: empty patch product {m}x{n}x{k}")
+    }
+    // SAFETY: the caller's contract for `a`, `c` and the CPU; `b` was checked above.
+    unsafe {
+        blocked(
+            (m, n, k),
+            a,
+            BSource::Patches(b),
+            c,
+            accumulate,
+            None,
+            threads,
+        )
+    };
+    Ok(())
 }
 
 /// Row `i` of `C` through the epilogue ([`crate::batch_norm::epilogue_row`]), vectorized for
@@ -513,7 +634,7 @@ impl Grid {
 unsafe fn blocked(
     (m, n, k): (usize, usize, usize),
     a: RawOperand,
-    b: RawOperand,
+    b: BSource<'_>,
     (c, ldc): (*mut f32, usize),
     accumulate: bool,
     epi: Option<RowEpilogue<'_>>,
@@ -545,8 +666,17 @@ unsafe fn blocked(
             let np = q1 - q0;
             for p0 in (0..k).step_by(kc_max) {
                 let kc = kc_max.min(k - p0);
-                // SAFETY: rows `p0..p0 + kc`, columns `j0..j1` of `B` are in bounds.
-                unsafe { avx512::pack_b(b, p0, j0, kc, j1 - j0, &mut buf) };
+                match b {
+                    // SAFETY: rows `p0..p0 + kc`, columns `j0..j1` of `B` are in bounds.
+                    BSource::Matrix(b) => unsafe {
+                        avx512::pack_b(b, p0, j0, kc, j1 - j0, &mut buf)
+                    },
+                    // SAFETY: AVX-512F (this function's contract); `sgemm_patches` checked
+                    // the operand.
+                    BSource::Patches(pr) => unsafe {
+                        avx512::pack_patches(&pr, p0, j0, kc, j1 - j0, &mut buf)
+                    },
+                }
                 let first = p0 == 0 && !accumulate;
                 let last = p0 + kc == k;
                 for i in (i0..i1).step_by(MR) {
@@ -732,6 +862,44 @@ mod avx512 {
                         // SAFETY: panel `q`, row `pb + i < kc`, columns `16 * v..16 * v +
                         // 16` of `buf` (length checked above).
                         unsafe { _mm512_storeu_ps(out.add((q * kc + pb + i) * NR + 16 * v), row) };
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`pack_b`] for a gathered `B`: each row's `cols` values are gathered into a row buffer
+    /// (runs of up to the rectangle's width), then copied into the panels.
+    ///
+    /// # Safety
+    /// `buf` holds at least `kc * cols.div_ceil(NR) * NR` values; AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_patches(
+        b: &super::PatchRows<'_>,
+        p0: usize,
+        j0: usize,
+        kc: usize,
+        cols: usize,
+        buf: &mut [f32],
+    ) {
+        let np = cols.div_ceil(NR);
+        assert!(buf.len() >= kc * np * NR, "sgemm: packing buffer too small");
+        let mut row = [0f32; NR * super::NC_PANELS];
+        assert!(
+            cols <= row.len(),
+            "sgemm: patch block wider than a packed block"
+        );
+        let out = buf.as_mut_ptr();
+        for p in 0..kc {
+            b.gather(p0 + p, j0, &mut row[..cols]);
+            row[cols..np * NR].fill(0.0);
+            for q in 0..np {
+                // SAFETY: panel `q` of the row buffer (`np * NR <= row.len()` values); the
+                // destination is panel `q`, row `p` of `buf` (length checked above).
+                unsafe {
+                    let (s, dst) = (row.as_ptr().add(q * NR), out.add((q * kc + p) * NR));
+                    for v in 0..NV {
+                        _mm512_storeu_ps(dst.add(16 * v), _mm512_loadu_ps(s.add(16 * v)));
                     }
                 }
             }
@@ -959,6 +1127,72 @@ mod tests {
             assert!(seen.iter().all(|&s| s == 1), "{m}x{n}/{t}: {g:?}");
             assert_eq!((g.row_panels, g.panels), (m.div_ceil(MR), n.div_ceil(NR)));
         }
+    }
+
+    /// A gathered `B` gives the very bits of the product with the written-out patch matrix,
+    /// for depth blocks that cross taps and column ranges that cross rectangle rows, on 1 and
+    /// 2 threads, plain and accumulating; an operand reaching past its input is refused.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn patch_rows_match_the_patch_matrix() -> Result<()> {
+        if !crate::cpu::has_avx512() {
+            return Ok(());
+        }
+        let (cin, h, w) = (300, 9, 23);
+        let x: Vec<f32> = (0..cin * h * w)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5)
+            .collect();
+        // A 5-row x 17-column rectangle from (1, 2), taps reading at (0, 0), (1, 3), (2, 4).
+        let (rows, nx) = (5, 17);
+        let tap_off = [w + 2, 2 * w + 5, 3 * w + 6];
+        let pr = PatchRows {
+            x: &x,
+            plane: h * w,
+            cin,
+            row_step: w,
+            nx,
+            tap_off: &tap_off,
+        };
+        let (m, n, k) = (37, rows * nx, 3 * cin);
+        let mut bm = vec![0f32; k * n];
+        for (p, row) in bm.chunks_exact_mut(n).enumerate() {
+            pr.gather(p, 0, row);
+        }
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5).collect();
+        for (threads, accumulate) in [(1, false), (2, false), (2, true)] {
+            let mut want = vec![0.25f32; m * n];
+            let mut got = want.clone();
+            sgemm_ex(
+                (m, n, k),
+                Operand::rows(&a, k),
+                Operand::rows(&bm, n),
+                (&mut want, n),
+                accumulate,
+                None,
+                threads,
+            )?;
+            // SAFETY: `a` is `m x k`, `got` `m x n`; AVX-512 checked above.
+            unsafe {
+                sgemm_patches(
+                    (m, n, k),
+                    RawOperand::rows(a.as_ptr(), k),
+                    pr,
+                    (got.as_mut_ptr(), n),
+                    accumulate,
+                    threads,
+                )?
+            };
+            assert!(
+                got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                "{threads} threads, accumulate {accumulate}"
+            );
+        }
+        // The last element read: the last channel's last tap, last row, last column.
+        let need = (cin - 1) * h * w + tap_off[2] + (rows - 1) * w + nx;
+        assert!(PatchRows { x: &x[..need], ..pr }.check(k, n).is_ok());
+        assert!(PatchRows { x: &x[..need - 1], ..pr }.check(k, n).is_err());
+        assert!(pr.check(4 * cin, n).is_err(), "a fourth tap does not exist");
+        Ok(())
     }
 
     /// The busiest worker's share of the tiles stays within a few percent of an even split
