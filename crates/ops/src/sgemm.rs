@@ -1158,7 +1158,9 @@ mod tests {
         for (p, row) in bm.chunks_exact_mut(n).enumerate() {
             pr.gather(p, 0, row);
         }
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5)
+            .collect();
         for (threads, accumulate) in [(1, false), (2, false), (2, true)] {
             let mut want = vec![0.25f32; m * n];
             let mut got = want.clone();
@@ -1182,15 +1184,17 @@ mod tests {
                     threads,
                 )?
             };
-            assert!(
-                got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
-                "{threads} threads, accumulate {accumulate}"
-            );
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits());
+            assert!(same, "{threads} threads, accumulate {accumulate}");
         }
         // The last element read: the last channel's last tap, last row, last column.
         let need = (cin - 1) * h * w + tap_off[2] + (rows - 1) * w + nx;
-        assert!(PatchRows { x: &x[..need], ..pr }.check(k, n).is_ok());
-        assert!(PatchRows { x: &x[..need - 1], ..pr }.check(k, n).is_err());
+        let (exact, short) = (&x[..need], &x[..need - 1]);
+        assert!(PatchRows { x: exact, ..pr }.check(k, n).is_ok());
+        assert!(PatchRows { x: short, ..pr }.check(k, n).is_err());
         assert!(pr.check(4 * cin, n).is_err(), "a fourth tap does not exist");
         Ok(())
     }
