@@ -235,6 +235,7 @@ pub(crate) fn forward_f32(
                 )
             }
         }
+        crate::winograd::give_back_weights(u);
     } else if regions {
         forward_regions(
             (x, (n, cin)),

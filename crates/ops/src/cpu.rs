@@ -100,3 +100,25 @@ impl<T: Copy> Ptr<T> {
         self.0
     }
 }
+
+/// A per-thread work buffer reused from call to call (`thread_local!` of a `Cell<Vec<f32>>`):
+/// [`take_buf`] lends it out, [`put_buf`] returns it. Reusing it skips the zero fill a fresh
+/// `vec![0.0; len]` pays on memory the allocator hands back (with purging off it is never
+/// fresh from the OS): ~2% of ResNet-101's pass went to zeroing Winograd buffers.
+pub(crate) type BufKey = std::thread::LocalKey<std::cell::Cell<Vec<f32>>>;
+
+/// The buffer of `key`, at least `len` values long. Its values are whatever the last user
+/// left (zeros only when it had to grow): the caller must write every value it reads.
+pub(crate) fn take_buf(key: &'static BufKey, len: usize) -> Vec<f32> {
+    let v = key.take();
+    if v.len() >= len {
+        v
+    } else {
+        vec![0f32; len]
+    }
+}
+
+/// Gives a buffer from [`take_buf`] back for the next call on this thread.
+pub(crate) fn put_buf(key: &'static BufKey, v: Vec<f32>) {
+    key.set(v);
+}

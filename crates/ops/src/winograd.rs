@@ -21,10 +21,25 @@
 //! convolution gets is `crate::conv`'s choice (`DEEPLAB_WINOGRAD`, [`max_tile`]).
 
 use crate::batch_norm::{epilogue_row, Activation};
-use crate::cpu::Ptr;
+use crate::cpu::{put_buf, take_buf, Ptr};
 use crate::im2col::{tap_major, Patches};
 use crate::sgemm::{sgemm_raw_ex, RawOperand};
 use rayon::prelude::*;
+
+thread_local! {
+    /// The transformed weights `U` of the calling thread's last Winograd convolution (either
+    /// tile size), lent out by `transform_weights` and given back by [`give_back_weights`].
+    pub(crate) static U_BUF: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The input transforms `V` of [`run`].
+    static V_BUF: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The products `M` of [`run`].
+    static M_BUF: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Returns transformed weights from `transform_weights` for the thread's next convolution.
+pub(crate) fn give_back_weights(u: Vec<f32>) {
+    put_buf(&U_BUF, u);
+}
 
 /// Defines the [`Scheme`] constant `$name` from the invoking module's `transform_input` and
 /// `output_rows`, each run through [`multiversion!`] in a named function (a closure coerced to a
@@ -175,8 +190,9 @@ impl Axis {
 /// The transformed weights `U`, laid out `[Cout][16][Cin]` (so `U_ξ` is a row-major
 /// `Cout x Cin` matrix with row stride `16 * Cin`), from `k: [Cout, Cin, 3, 3]`.
 pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut u = vec![0f32; cout * 16 * cin];
-    u.par_chunks_mut(16 * cin)
+    let mut u = take_buf(&U_BUF, cout * 16 * cin);
+    u[..cout * 16 * cin]
+        .par_chunks_mut(16 * cin)
         .zip(k.par_chunks(cin * 9))
         .for_each_init(
             || vec![0f32; 9 * cin],
@@ -423,8 +439,10 @@ pub(crate) unsafe fn run(
     let xis = (s.m + 2) * (s.m + 2);
     let rows_per_block = (s.tiles_max.min(V_BUDGET / (xis * cin)) / tw).max(1);
     let most = rows_per_block.min(th) * tw;
-    let mut v = vec![0f32; cin * xis * most];
-    let mut m = vec![0f32; cout * xis * most];
+    // Every value of `V` and `M` a block reads is written in the block first (the input
+    // transform fills each tile, zeros included; the products write all of `M`'s rows).
+    let mut v = take_buf(&V_BUF, cin * xis * most);
+    let mut m = take_buf(&M_BUF, cout * xis * most);
     let out = Ptr(out);
     let axes = (&rows_axis, &cols);
     for i0 in (0..th).step_by(rows_per_block) {
@@ -479,6 +497,8 @@ pub(crate) unsafe fn run(
             },
         );
     }
+    put_buf(&V_BUF, v);
+    put_buf(&M_BUF, m);
 }
 
 /// `Aᵀ M A` of one output channel's tile rows `[i0, i1)` (`mo`: `[16][tiles]`) into its output
@@ -595,7 +615,8 @@ mod tests {
     /// The Winograd path itself (whatever `conv2d` would pick) against the reference
     /// composition: rates 1-6, different rates per axis, asymmetric padding, maps where a
     /// phase holds a single output, with and without the epilogue and a residual; every
-    /// output element written.
+    /// output element written, and no value of the reused work buffers read before it is
+    /// written (they start full of NaN).
     #[test]
     fn matches_the_reference_for_any_rate() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -647,8 +668,13 @@ mod tests {
                 let mut out = vec![f32::NAN; cout * p.ho * p.wo];
                 let epi = with_epilogue.then_some((&scale[..], &shift[..], Activation::Relu));
                 let r = with_epilogue.then_some(&rs[..]);
-                // SAFETY: `out` holds the whole output, `rs` a residual of the same size.
+                // The reused work buffers full of NaN: a value read before it is written
+                // shows in the output.
+                for key in [&U_BUF, &V_BUF, &M_BUF] {
+                    put_buf(key, vec![f32::NAN; 1 << 20]);
+                }
                 let u = transform(&ks, cout, cin);
+                // SAFETY: `out` holds the whole output, `rs` a residual of the same size.
                 unsafe { run(scheme, &xs, (cin, cout), &u, &p, epi, r, out.as_mut_ptr()) };
                 let want = if with_epilogue {
                     let s = Tensor::new(&scale[..], &dev)?.reshape((1, cout, 1, 1))?;

@@ -102,8 +102,11 @@ fn slices_mut<const K: usize>(buf: &mut [f32], n: usize, first: usize) -> [&mut 
 /// with row stride `36 * Cin`) from `k: [Cout, Cin, 3, 3]`: `G g` then `(G g) Gᵀ`, each a sweep
 /// along the input channels.
 pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut u = vec![0f32; cout * 36 * cin];
-    u.par_chunks_mut(36 * cin)
+    // Every value of the first `cout * 36 * cin` is written below (a buffer reused from the
+    // thread's last call may be longer).
+    let mut u = crate::cpu::take_buf(&super::U_BUF, cout * 36 * cin);
+    u[..cout * 36 * cin]
+        .par_chunks_mut(36 * cin)
         .zip(k.par_chunks(cin * 9))
         .for_each_init(
             || vec![0f32; 27 * cin],
