@@ -244,7 +244,7 @@ pub(crate) fn forward_f32(
             epi,
             residual.map(|(r, _)| r),
             &mut out,
-        );
+        )?;
     } else if pointwise {
         for b in 0..n {
             // SAFETY: `k` is the `cout x cin` row-major weight matrix, image `b` of `x` the
@@ -392,7 +392,7 @@ fn forward_regions(
     epi: Option<(&[f32], &[f32], crate::Activation)>,
     residual: Option<&[f32]>,
     out: &mut Vec<f32>,
-) {
+) -> Result<()> {
     use rayon::prelude::*;
     let (taps, hw, l) = (p.taps(), p.h * p.w, p.ho * p.wo);
     // Tap-major weights: row `o` holds `[ky][kx][cin]`.
@@ -429,7 +429,9 @@ fn forward_regions(
                     // packs them (no patch matrix written: ResNet-101's rate 6/12/18 ASPP
                     // branches spent 6 / 6 / 4 ms of 37 / 31 / 22 writing theirs).
                     #[cfg(target_arch = "x86_64")]
-                    if crate::cpu::has_avx512() && p.read_at((ky0, kx0), (r0, x0)).is_some() {
+                    if let (true, Some((_, row_step))) =
+                        (crate::cpu::has_avx512(), p.read_at((ky0, kx0), (r0, x0)))
+                    {
                         for part in 0..parts {
                             let t0 = (ky0 + part) * p.kw + kx0;
                             let offs: Vec<usize> = (0..kp / cin)
@@ -442,7 +444,6 @@ fn forward_regions(
                                     p.read_at((ky, kx), (r0, x0)).map_or(0, |(o, _)| o)
                                 })
                                 .collect();
-                            let row_step = p.read_at((ky0, kx0), (r0, x0)).map_or(0, |(_, s)| s);
                             let b = crate::sgemm::PatchRows {
                                 x: xb,
                                 plane: hw,
@@ -455,7 +456,7 @@ fn forward_regions(
                             // columns from the part's first tap), `C` the `cout x npx` `tmp`
                             // (capacity reserved; written by the first part, accumulated by
                             // the others); the CPU has AVX-512F; `sgemm_patches` checks `B`.
-                            let done = unsafe {
+                            unsafe {
                                 crate::sgemm::sgemm_patches(
                                     (cout, npx, kp),
                                     RawOperand::rows(
@@ -466,9 +467,8 @@ fn forward_regions(
                                     (tmp.as_mut_ptr(), npx),
                                     part > 0,
                                     threads(),
-                                )
+                                )?
                             };
-                            done.expect("conv: rectangle patch rows inside the input");
                         }
                         // SAFETY: the first product wrote all `cout * npx` values.
                         unsafe { tmp.set_len(cout * npx) };
@@ -530,6 +530,7 @@ fn forward_regions(
         }
     }
     SCRATCH.set(buf);
+    Ok(())
 }
 
 /// `act(conv2d(x, w) * scale + shift + residual)` (inference only): the folded convolution
