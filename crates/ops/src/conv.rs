@@ -428,6 +428,8 @@ fn forward_regions(
                     // With AVX-512 the product gathers its patch rows from the input while it
                     // packs them (no patch matrix written: ResNet-101's rate 6/12/18 ASPP
                     // branches spent 6 / 6 / 4 ms of 37 / 31 / 22 writing theirs).
+                    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+                    let mut gathered = false;
                     #[cfg(target_arch = "x86_64")]
                     if let (true, Some((_, row_step))) =
                         (crate::cpu::has_avx512(), p.read_at((ky0, kx0), (r0, x0)))
@@ -470,49 +472,44 @@ fn forward_regions(
                                 )?
                             };
                         }
-                        // SAFETY: the first product wrote all `cout * npx` values.
-                        unsafe { tmp.set_len(cout * npx) };
-                        write_rect(
-                            &tmp,
-                            (b, r0, x0, nx),
-                            (cout, l, p.wo),
-                            epi,
-                            residual,
-                            out_ptr,
-                        );
-                        continue;
+                        gathered = true;
                     }
-                    if buf.len() < kr * npx {
-                        buf = vec![0f32; kr * npx];
-                    }
-                    let cols = &mut buf[..kr * npx];
-                    // Row `(ty, tx, c)` of the patch matrix: tap `(ky0 + ty, kx0 + tx)` of
-                    // plane `c`.
-                    cols.par_chunks_mut(npx)
-                        .enumerate()
-                        .with_min_len(4096usize.div_ceil(npx))
-                        .for_each(|(i, row)| {
-                            let (t, c) = (i / cin, i % cin);
-                            let tap = (ky0 + t / ntx, kx0 + t % ntx);
-                            let src = &xb[c * hw..(c + 1) * hw];
-                            p.fill_rect(src, tap, (r0, r1), (x0, x1), row);
-                        });
-                    for part in 0..parts {
-                        let a0 = ((ky0 + part) * p.kw + kx0) * cin;
-                        // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`,
-                        // columns from the part's first tap), `B` the part's `kp` rows of the
-                        // `kr x npx` patch matrix, `C` the `cout x npx` `tmp` (capacity
-                        // reserved; written by the first part, accumulated by the others).
-                        unsafe {
-                            sgemm_raw_ex(
-                                (cout, npx, kp),
-                                RawOperand::rows(wt.as_ptr().wrapping_add(a0), taps * cin),
-                                RawOperand::rows(cols.as_ptr().wrapping_add(part * kp * npx), npx),
-                                (tmp.as_mut_ptr(), npx),
-                                part > 0,
-                                None,
-                                threads(),
-                            )
+                    if !gathered {
+                        if buf.len() < kr * npx {
+                            buf = vec![0f32; kr * npx];
+                        }
+                        let cols = &mut buf[..kr * npx];
+                        // Row `(ty, tx, c)` of the patch matrix: tap `(ky0 + ty, kx0 + tx)` of
+                        // plane `c`.
+                        cols.par_chunks_mut(npx)
+                            .enumerate()
+                            .with_min_len(4096usize.div_ceil(npx))
+                            .for_each(|(i, row)| {
+                                let (t, c) = (i / cin, i % cin);
+                                let tap = (ky0 + t / ntx, kx0 + t % ntx);
+                                let src = &xb[c * hw..(c + 1) * hw];
+                                p.fill_rect(src, tap, (r0, r1), (x0, x1), row);
+                            });
+                        for part in 0..parts {
+                            let a0 = ((ky0 + part) * p.kw + kx0) * cin;
+                            // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`,
+                            // columns from the part's first tap), `B` the part's `kp` rows of the
+                            // `kr x npx` patch matrix, `C` the `cout x npx` `tmp` (capacity
+                            // reserved; written by the first part, accumulated by the others).
+                            unsafe {
+                                sgemm_raw_ex(
+                                    (cout, npx, kp),
+                                    RawOperand::rows(wt.as_ptr().wrapping_add(a0), taps * cin),
+                                    RawOperand::rows(
+                                        cols.as_ptr().wrapping_add(part * kp * npx),
+                                        npx,
+                                    ),
+                                    (tmp.as_mut_ptr(), npx),
+                                    part > 0,
+                                    None,
+                                    threads(),
+                                )
+                            }
                         }
                     }
                     // SAFETY: the first product wrote all `cout * npx` values.

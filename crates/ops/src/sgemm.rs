@@ -666,17 +666,9 @@ unsafe fn blocked(
             let np = q1 - q0;
             for p0 in (0..k).step_by(kc_max) {
                 let kc = kc_max.min(k - p0);
-                match b {
-                    // SAFETY: rows `p0..p0 + kc`, columns `j0..j1` of `B` are in bounds.
-                    BSource::Matrix(b) => unsafe {
-                        avx512::pack_b(b, p0, j0, kc, j1 - j0, &mut buf)
-                    },
-                    // SAFETY: AVX-512F (this function's contract); `sgemm_patches` checked
-                    // the operand.
-                    BSource::Patches(pr) => unsafe {
-                        avx512::pack_patches(&pr, p0, j0, kc, j1 - j0, &mut buf)
-                    },
-                }
+                // SAFETY: rows `p0..p0 + kc`, columns `j0..j1` of `B` are in bounds (checked by
+                // the entry points); AVX-512F (this function's contract).
+                unsafe { avx512::pack_b(b, p0, j0, kc, j1 - j0, &mut buf) };
                 let first = p0 == 0 && !accumulate;
                 let last = p0 + kc == k;
                 for i in (i0..i1).step_by(MR) {
@@ -735,7 +727,7 @@ unsafe fn blocked(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Activation, RawOperand, MR, NR};
+    use super::{Activation, BSource, RawOperand, MR, NR};
     use std::arch::x86_64::*;
 
     const NV: usize = NR / 16;
@@ -789,14 +781,15 @@ mod avx512 {
     /// Packs rows `p0..p0 + kc`, columns `j0..j0 + cols` of `B` into `buf` as consecutive
     /// panels of `NR` columns, each `kc` rows of `NR` values, zero-padded past `cols`. A
     /// row-major `B` is read a row at a time across all the panels; a column-major one in 16 x
-    /// 16 blocks (16 contiguous depths of 16 columns) transposed in registers into the panels.
+    /// 16 blocks (16 contiguous depths of 16 columns) transposed in registers into the panels; a
+    /// gathered one ([`super::PatchRows`]) a row at a time through a row buffer.
     ///
     /// # Safety
-    /// Those elements of `b` are readable; `buf` holds at least `kc * cols.div_ceil(NR) * NR`
+    /// Those elements of `b` are readable (a gathered `B` checks its own reads); `buf` holds at least `kc * cols.div_ceil(NR) * NR`
     /// values; AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack_b(
-        b: RawOperand,
+        b: BSource<'_>,
         p0: usize,
         j0: usize,
         kc: usize,
@@ -806,6 +799,34 @@ mod avx512 {
         let np = cols.div_ceil(NR);
         assert!(buf.len() >= kc * np * NR, "sgemm: packing buffer too small");
         let out = buf.as_mut_ptr();
+        let b = match b {
+            BSource::Matrix(b) => b,
+            BSource::Patches(pr) => {
+                // Each row's `cols` values gathered into a row buffer (runs of up to the
+                // rectangle's width), then copied into the panels.
+                let mut row = [0f32; NR * super::NC_PANELS];
+                assert!(
+                    cols <= row.len(),
+                    "sgemm: patch block wider than a packed block"
+                );
+                for p in 0..kc {
+                    pr.gather(p0 + p, j0, &mut row[..cols]);
+                    row[cols..np * NR].fill(0.0);
+                    for q in 0..np {
+                        // SAFETY: panel `q` of the row buffer (`np * NR <= row.len()`
+                        // values); the destination is panel `q`, row `p` of `buf` (length
+                        // checked above).
+                        unsafe {
+                            let (s, dst) = (row.as_ptr().add(q * NR), out.add((q * kc + p) * NR));
+                            for v in 0..NV {
+                                _mm512_storeu_ps(dst.add(16 * v), _mm512_loadu_ps(s.add(16 * v)));
+                            }
+                        }
+                    }
+                }
+                return;
+            }
+        };
         if !b.transposed {
             // Row by row across all the block's panels: each depth's `cols` values are read
             // as one contiguous run (a row-major `B` is the previous layer's output, cold in
@@ -862,44 +883,6 @@ mod avx512 {
                         // SAFETY: panel `q`, row `pb + i < kc`, columns `16 * v..16 * v +
                         // 16` of `buf` (length checked above).
                         unsafe { _mm512_storeu_ps(out.add((q * kc + pb + i) * NR + 16 * v), row) };
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`pack_b`] for a gathered `B`: each row's `cols` values are gathered into a row buffer
-    /// (runs of up to the rectangle's width), then copied into the panels.
-    ///
-    /// # Safety
-    /// `buf` holds at least `kc * cols.div_ceil(NR) * NR` values; AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pack_patches(
-        b: &super::PatchRows<'_>,
-        p0: usize,
-        j0: usize,
-        kc: usize,
-        cols: usize,
-        buf: &mut [f32],
-    ) {
-        let np = cols.div_ceil(NR);
-        assert!(buf.len() >= kc * np * NR, "sgemm: packing buffer too small");
-        let mut row = [0f32; NR * super::NC_PANELS];
-        assert!(
-            cols <= row.len(),
-            "sgemm: patch block wider than a packed block"
-        );
-        let out = buf.as_mut_ptr();
-        for p in 0..kc {
-            b.gather(p0 + p, j0, &mut row[..cols]);
-            row[cols..np * NR].fill(0.0);
-            for q in 0..np {
-                // SAFETY: panel `q` of the row buffer (`np * NR <= row.len()` values); the
-                // destination is panel `q`, row `p` of `buf` (length checked above).
-                unsafe {
-                    let (s, dst) = (row.as_ptr().add(q * NR), out.add((q * kc + p) * NR));
-                    for v in 0..NV {
-                        _mm512_storeu_ps(dst.add(16 * v), _mm512_loadu_ps(s.add(16 * v)));
                     }
                 }
             }
