@@ -410,8 +410,10 @@ fn forward_regions(
             for &(x0, x1, kx0, kx1) in &xs {
                 let (ntx, nty, nx) = (kx1 - kx0, ky1 - ky0, x1 - x0);
                 let kr = nty * ntx * cin;
-                // Even row chunks of the rectangle whose patch matrices fit CHUNK_ELEMS (an
-                // uneven split left a one-row product of 21 columns for the rate-6 ASPP branch).
+                // Even row chunks of the rectangle whose patch matrices (when written: not on
+                // the gathering path, where the chunks only bound the products' output) fit
+                // CHUNK_ELEMS (an uneven split left a one-row product of 21 columns for the
+                // rate-6 ASPP branch).
                 let chunks = (kr * nx * (y1 - y0))
                     .div_ceil(CHUNK_ELEMS)
                     .clamp(1, y1 - y0);
@@ -421,30 +423,32 @@ fn forward_regions(
                     let npx = (r1 - r0) * nx;
                     tmp.clear();
                     tmp.reserve(cout * npx);
+                    // Row `(t, c)` of the patch matrix: tap `tap(t)` of input plane `c`.
+                    let tap = |t: usize| (ky0 + t / ntx, kx0 + t % ntx);
                     // Whole kernel rows are contiguous in the tap-major weights: one product;
-                    // otherwise one per kernel row, accumulated.
+                    // otherwise one per kernel row, accumulated. Part `part` is taps
+                    // `part * per..(part + 1) * per`, its weights `A` from its first tap on.
                     let parts = if ntx == p.kw { 1 } else { nty.max(1) };
-                    let kp = kr / parts;
+                    let (kp, per) = (kr / parts, kr / parts / cin);
+                    let a_part = |part: usize| {
+                        let (ky, kx) = tap(part * per);
+                        RawOperand::rows(
+                            wt.as_ptr().wrapping_add((ky * p.kw + kx) * cin),
+                            taps * cin,
+                        )
+                    };
                     // With AVX-512 the product gathers its patch rows from the input while it
                     // packs them (no patch matrix written: ResNet-101's rate 6/12/18 ASPP
                     // branches spent 6 / 6 / 4 ms of 37 / 31 / 22 writing theirs).
                     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
                     let mut gathered = false;
                     #[cfg(target_arch = "x86_64")]
-                    if let (true, Some((_, row_step))) =
-                        (crate::cpu::has_avx512(), p.read_at((ky0, kx0), (r0, x0)))
+                    if let (true, Some(row_step)) =
+                        (crate::cpu::has_avx512(), p.contiguous_row_step())
                     {
                         for part in 0..parts {
-                            let t0 = (ky0 + part) * p.kw + kx0;
-                            let offs: Vec<usize> = (0..kp / cin)
-                                .map(|t| {
-                                    let (ky, kx) = if parts == 1 {
-                                        (ky0 + t / ntx, kx0 + t % ntx)
-                                    } else {
-                                        (ky0 + part, kx0 + t)
-                                    };
-                                    p.read_at((ky, kx), (r0, x0)).map_or(0, |(o, _)| o)
-                                })
+                            let offs: Vec<usize> = (part * per..(part + 1) * per)
+                                .map(|t| p.read_offset(tap(t), (r0, x0)))
                                 .collect();
                             let b = crate::sgemm::PatchRows {
                                 x: xb,
@@ -454,17 +458,14 @@ fn forward_regions(
                                 nx,
                                 tap_off: &offs,
                             };
-                            // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`,
-                            // columns from the part's first tap), `C` the `cout x npx` `tmp`
-                            // (capacity reserved; written by the first part, accumulated by
-                            // the others); the CPU has AVX-512F; `sgemm_patches` checks `B`.
+                            // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`),
+                            // `C` the `cout x npx` `tmp` (capacity reserved; written by the
+                            // first part, accumulated by the others); the CPU has AVX-512F;
+                            // `sgemm_patches` checks `B`.
                             unsafe {
                                 crate::sgemm::sgemm_patches(
                                     (cout, npx, kp),
-                                    RawOperand::rows(
-                                        wt.as_ptr().wrapping_add(t0 * cin),
-                                        taps * cin,
-                                    ),
+                                    a_part(part),
                                     b,
                                     (tmp.as_mut_ptr(), npx),
                                     part > 0,
@@ -479,27 +480,23 @@ fn forward_regions(
                             buf = vec![0f32; kr * npx];
                         }
                         let cols = &mut buf[..kr * npx];
-                        // Row `(ty, tx, c)` of the patch matrix: tap `(ky0 + ty, kx0 + tx)` of
-                        // plane `c`.
                         cols.par_chunks_mut(npx)
                             .enumerate()
                             .with_min_len(4096usize.div_ceil(npx))
                             .for_each(|(i, row)| {
                                 let (t, c) = (i / cin, i % cin);
-                                let tap = (ky0 + t / ntx, kx0 + t % ntx);
                                 let src = &xb[c * hw..(c + 1) * hw];
-                                p.fill_rect(src, tap, (r0, r1), (x0, x1), row);
+                                p.fill_rect(src, tap(t), (r0, r1), (x0, x1), row);
                             });
                         for part in 0..parts {
-                            let a0 = ((ky0 + part) * p.kw + kx0) * cin;
-                            // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`,
-                            // columns from the part's first tap), `B` the part's `kp` rows of the
-                            // `kr x npx` patch matrix, `C` the `cout x npx` `tmp` (capacity
-                            // reserved; written by the first part, accumulated by the others).
+                            // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`),
+                            // `B` the part's `kp` rows of the `kr x npx` patch matrix, `C` the
+                            // `cout x npx` `tmp` (capacity reserved; written by the first part,
+                            // accumulated by the others).
                             unsafe {
                                 sgemm_raw_ex(
                                     (cout, npx, kp),
-                                    RawOperand::rows(wt.as_ptr().wrapping_add(a0), taps * cin),
+                                    a_part(part),
                                     RawOperand::rows(
                                         cols.as_ptr().wrapping_add(part * kp * npx),
                                         npx,

@@ -188,21 +188,19 @@ impl Patches {
             .collect()
     }
 
-    /// Where in an input plane tap `(ky, kx)` reads for output pixel `(oy, ox)` (which must read
-    /// inside the input), and the input distance between consecutive output rows: the
-    /// addressing of [`crate::sgemm::PatchRows`]. `None` at a column stride other than 1 (a
-    /// rectangle's row is then not a contiguous run).
-    pub(crate) fn read_at(
-        &self,
-        (ky, kx): (usize, usize),
-        (oy, ox): (usize, usize),
-    ) -> Option<(usize, usize)> {
-        if self.sx != 1 {
-            return None;
-        }
+    /// The input distance between consecutive output rows when an output row's pixels read a
+    /// contiguous run of an input row (column stride 1), the addressing of
+    /// [`crate::sgemm::PatchRows`]; `None` otherwise.
+    pub(crate) fn contiguous_row_step(&self) -> Option<usize> {
+        (self.sx == 1).then_some(self.sy * self.w)
+    }
+
+    /// Where in an input plane tap `(ky, kx)` reads for output pixel `(oy, ox)`, which must read
+    /// inside the input (as every pixel of a [`Patches::segments`] rectangle does for its taps).
+    pub(crate) fn read_offset(&self, (ky, kx): (usize, usize), (oy, ox): (usize, usize)) -> usize {
         let iy = oy * self.sy + ky * self.dy - self.pt;
-        let ix = ox + kx * self.dx - self.pl;
-        Some((iy * self.w + ix, self.sy * self.w))
+        let ix = ox * self.sx + kx * self.dx - self.pl;
+        iy * self.w + ix
     }
 
     /// Writes the values tap `(ky, kx)` reads from input plane `src` for the output rectangle
@@ -217,15 +215,13 @@ impl Patches {
         (x0, x1): (usize, usize),
         dst: &mut [f32],
     ) {
-        let (w, sx, n) = (self.w, self.sx, x1 - x0);
-        let ix0 = x0 * sx + kx * self.dx - self.pl;
+        let (sx, n) = (self.sx, x1 - x0);
         for (oy, d) in (y0..y1).zip(dst.chunks_exact_mut(n)) {
-            let iy = oy * self.sy + ky * self.dy - self.pt;
-            let srow = &src[iy * w..(iy + 1) * w];
+            let at = self.read_offset((ky, kx), (oy, x0));
+            let s = &src[at..at + (n - 1) * sx + 1];
             if sx == 1 {
-                d.copy_from_slice(&srow[ix0..ix0 + n]);
+                d.copy_from_slice(s);
             } else {
-                let s = &srow[ix0..ix0 + (n - 1) * sx + 1];
                 for (dv, sv) in d.iter_mut().zip(s.iter().step_by(sx)) {
                     *dv = *sv;
                 }

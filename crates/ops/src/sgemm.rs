@@ -605,7 +605,10 @@ impl Grid {
     /// The work of the busiest of `t` workers (see [`Grid::new`]) for `n` columns, in
     /// full-tile units.
     fn makespan(&self, n: usize, t: usize) -> f64 {
-        // Vectors of 16 columns computed by panel `q` over the vectors of a full panel.
+        // Vectors of 16 columns of panel `q` over the vectors of a full panel. (An
+        // approximation: the microkernel runs all three vectors' FMAs at the edge too, so an
+        // edge panel costs a whole one; counting it whole moves the choice on some shapes,
+        // e.g. 960 x 4225 from 4 column jobs to 2 x 2, which has not been measured.)
         let width = |q: usize| {
             let cols = (n - q * NR).min(NR);
             cols.div_ceil(16) as f64 / (NR / 16) as f64
@@ -785,8 +788,8 @@ mod avx512 {
     /// gathered one ([`super::PatchRows`]) a row at a time through a row buffer.
     ///
     /// # Safety
-    /// Those elements of `b` are readable (a gathered `B` checks its own reads); `buf` holds at least `kc * cols.div_ceil(NR) * NR`
-    /// values; AVX-512F.
+    /// Those elements of `b` are readable (a gathered `B` checks its own reads); `buf` holds at
+    /// least `kc * cols.div_ceil(NR) * NR` values; AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack_b(
         b: BSource<'_>,
@@ -799,6 +802,30 @@ mod avx512 {
         let np = cols.div_ceil(NR);
         assert!(buf.len() >= kc * np * NR, "sgemm: packing buffer too small");
         let out = buf.as_mut_ptr();
+        // The masks of the last panel's vectors.
+        let last: [__mmask16; NV] =
+            std::array::from_fn(|v| lanes((cols - (np - 1) * NR).saturating_sub(16 * v)));
+        // Depth row `p` of the block, `cols` values from `src`, into row `p` of every panel.
+        let panels_row = |src: *const f32, p: usize| {
+            for q in 0..np {
+                // SAFETY: panel `q` of the `cols` values at `src` (the last panel masked to
+                // them, the caller's contract); the destination is panel `q`, row `p` of `buf`
+                // (length checked above).
+                unsafe {
+                    let (s, dst) = (src.add(q * NR), out.add((q * kc + p) * NR));
+                    if q + 1 < np {
+                        for v in 0..NV {
+                            _mm512_storeu_ps(dst.add(16 * v), _mm512_loadu_ps(s.add(16 * v)));
+                        }
+                    } else {
+                        for (v, &mk) in last.iter().enumerate() {
+                            let x = _mm512_maskz_loadu_ps(mk, s.add(16 * v));
+                            _mm512_storeu_ps(dst.add(16 * v), x);
+                        }
+                    }
+                }
+            }
+        };
         let b = match b {
             BSource::Matrix(b) => b,
             BSource::Patches(pr) => {
@@ -811,18 +838,7 @@ mod avx512 {
                 );
                 for p in 0..kc {
                     pr.gather(p0 + p, j0, &mut row[..cols]);
-                    row[cols..np * NR].fill(0.0);
-                    for q in 0..np {
-                        // SAFETY: panel `q` of the row buffer (`np * NR <= row.len()`
-                        // values); the destination is panel `q`, row `p` of `buf` (length
-                        // checked above).
-                        unsafe {
-                            let (s, dst) = (row.as_ptr().add(q * NR), out.add((q * kc + p) * NR));
-                            for v in 0..NV {
-                                _mm512_storeu_ps(dst.add(16 * v), _mm512_loadu_ps(s.add(16 * v)));
-                            }
-                        }
-                    }
+                    panels_row(row.as_ptr(), p);
                 }
                 return;
             }
@@ -833,28 +849,8 @@ mod avx512 {
             // the caches: panel by panel, every depth step was a separate 192-byte read
             // 4-17 KB from the last; 64 x 384 x 4225 212-272 -> 244-299 GFLOP/s, 96 x 576 x
             // 4225 252-259 -> 288-298, in-process A/B with cold operands).
-            let last: [__mmask16; NV] =
-                std::array::from_fn(|v| lanes((cols - (np - 1) * NR).saturating_sub(16 * v)));
             for p in 0..kc {
-                let src = b.at(p0 + p, j0);
-                for q in 0..np {
-                    // SAFETY: panel `q` of row `p0 + p` is inside its `cols` columns (the last
-                    // panel masked to them); the destination is panel `q`, row `p` of `buf`
-                    // (length checked above).
-                    unsafe {
-                        let (s, dst) = (src.add(q * NR), out.add((q * kc + p) * NR));
-                        if q + 1 < np {
-                            for v in 0..NV {
-                                _mm512_storeu_ps(dst.add(16 * v), _mm512_loadu_ps(s.add(16 * v)));
-                            }
-                        } else {
-                            for (v, &mk) in last.iter().enumerate() {
-                                let x = _mm512_maskz_loadu_ps(mk, s.add(16 * v));
-                                _mm512_storeu_ps(dst.add(16 * v), x);
-                            }
-                        }
-                    }
-                }
+                panels_row(b.at(p0 + p, j0), p);
             }
             return;
         }
