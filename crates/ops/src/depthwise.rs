@@ -437,6 +437,11 @@ fn check_shapes(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, usize, u
 
 /// The forward on contiguous f32 data: `act(conv(input_relu ? relu(x) : x, k) + bias[c])` for
 /// `n x c` planes, split into a few contiguous runs of planes per thread, each with one scratch.
+/// A scratch-free forward kernel on one plane: `(plane, next plane's input or empty, its
+/// weights, its epilogue, its output)`.
+#[cfg(target_arch = "x86_64")]
+type PlaneKernel<'a> = dyn Fn(usize, &[f32], &[f32], Epi, &mut [MaybeUninit<f32>]) + Sync + 'a;
+
 fn forward_cpu(
     x: &[f32],
     k: &[f32],
@@ -454,32 +459,38 @@ fn forward_cpu(
         return out;
     }
     let per = planes.div_ceil(threads() * 4).max(1);
+    // The scratch-free kernels: `kernel(plane, next plane's input or empty, its weights, its
+    // epilogue, its output)` on every plane, in parallel tasks of `per` planes.
     #[cfg(target_arch = "x86_64")]
-    if p.kh == 3 && p.kw == 3 && p.sy == 1 && p.sx == 1 && crate::cpu::has_avx512() {
-        let d = avx512::Direct::new((p.h, p.w), (p.ho, p.wo), (p.pt, p.pl), (p.dy, p.dx));
-        let body = |task: usize, chunk: &mut [MaybeUninit<f32>]| {
-            let count = chunk.len() / out_len;
-            for (i, o) in chunk.chunks_exact_mut(out_len).enumerate() {
-                let plane = task * per + i;
-                let ch = plane % c;
-                let src = &x[plane * in_len..][..in_len];
-                let kk = &k[ch * k_len..][..k_len];
-                let b = bias.at(ch);
-                let next = if i + 1 < count {
-                    &x[(plane + 1) * in_len..][..in_len]
-                } else {
-                    &[]
-                };
-                // SAFETY: the CPU reports AVX-512F.
-                unsafe { d.plane(src, next, kk, b, input_relu, act, o) };
-            }
-        };
+    let mut direct = |kernel: &PlaneKernel| {
         out.spare_capacity_mut()[..len]
             .par_chunks_mut(per * out_len)
             .enumerate()
-            .for_each(|(task, chunk)| body(task, chunk));
-        // SAFETY: `Direct::plane` wrote every value of every plane.
+            .for_each(|(task, chunk)| {
+                let count = chunk.len() / out_len;
+                for (i, o) in chunk.chunks_exact_mut(out_len).enumerate() {
+                    let plane = task * per + i;
+                    let ch = plane % c;
+                    let next = if i + 1 < count {
+                        &x[(plane + 1) * in_len..][..in_len]
+                    } else {
+                        &[]
+                    };
+                    kernel(plane, next, &k[ch * k_len..][..k_len], bias.at(ch), o);
+                }
+            });
+        // SAFETY: the kernels write every value of every plane.
         unsafe { out.set_len(len) };
+    };
+    #[cfg(target_arch = "x86_64")]
+    let src = |plane: usize| &x[plane * in_len..][..in_len];
+    #[cfg(target_arch = "x86_64")]
+    if p.kh == 3 && p.kw == 3 && p.sy == 1 && p.sx == 1 && crate::cpu::has_avx512() {
+        let d = avx512::Direct::new((p.h, p.w), (p.ho, p.wo), (p.pt, p.pl), (p.dy, p.dx));
+        // SAFETY: the CPU reports AVX-512F.
+        direct(&|plane, next, kk, b, o| unsafe {
+            d.plane(src(plane), next, kk, b, input_relu, act, o)
+        });
         return out;
     }
     #[cfg(target_arch = "x86_64")]
@@ -490,21 +501,8 @@ fn forward_cpu(
         && crate::cpu::has_avx512()
     {
         let d = avx512::Direct2::new((p.h, p.w), (p.ho, p.wo), (p.pt, p.pl));
-        out.spare_capacity_mut()[..len]
-            .par_chunks_mut(per * out_len)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                for (i, o) in chunk.chunks_exact_mut(out_len).enumerate() {
-                    let plane = task * per + i;
-                    let ch = plane % c;
-                    let src = &x[plane * in_len..][..in_len];
-                    let kk = &k[ch * k_len..][..k_len];
-                    // SAFETY: the CPU reports AVX-512F.
-                    unsafe { d.plane(src, kk, bias.at(ch), input_relu, act, o) };
-                }
-            });
-        // SAFETY: `Direct2::plane` wrote every value of every plane.
-        unsafe { out.set_len(len) };
+        // SAFETY: the CPU reports AVX-512F.
+        direct(&|plane, _, kk, b, o| unsafe { d.plane(src(plane), kk, b, input_relu, act, o) });
         return out;
     }
     let taps = p.taps();
@@ -1176,6 +1174,26 @@ mod avx512 {
         }
     }
 
+    /// `$recv.$method::<A, IR>(args)` with the const parameters of the runtime `act` (0: none,
+    /// 1: ReLU, 2: ReLU6) and input ReLU flag `relu`.
+    macro_rules! with_flags {
+        ($relu:expr, $act:expr, $recv:ident . $method:ident ($($arg:expr),*)) => {
+            match ($relu, $act) {
+                (false, Activation::None) => $recv.$method::<0, false>($($arg),*),
+                (false, Activation::Relu) => $recv.$method::<1, false>($($arg),*),
+                (false, Activation::Relu6) => $recv.$method::<2, false>($($arg),*),
+                (true, Activation::None) => $recv.$method::<0, true>($($arg),*),
+                (true, Activation::Relu) => $recv.$method::<1, true>($($arg),*),
+                (true, Activation::Relu6) => $recv.$method::<2, true>($($arg),*),
+            }
+        };
+    }
+
+    /// The mask of the lanes `l < 16` for which `f(l)` holds.
+    fn lane_mask(f: impl Fn(usize) -> bool) -> __mmask16 {
+        (0..16).fold(0, |m, l| if f(l) { m | 1 << l } else { m })
+    }
+
     /// A 3x3 kernel at stride 1 straight from the input plane, no scratch: the padding is
     /// handled by skipping input rows outside the plane and by masking the lanes of each load
     /// that fall left or right of it. Output rows are register-blocked: the [`ROWS`] rows `oy`,
@@ -1211,16 +1229,13 @@ mod avx512 {
             let lane_ok = |col: usize, kx: usize| {
                 col < wo && (col + kx * dx).checked_sub(pl).is_some_and(|ix| ix < w)
             };
-            let mask = |f: &dyn Fn(usize) -> bool| {
-                (0..16).fold(0u16, |m, l| if f(l) { m | 1 << l } else { m })
-            };
             let load = (0..chunks)
                 .map(|c| {
-                    let m = |kx| mask(&|l| lane_ok(16 * c + l, kx));
+                    let m = |kx| lane_mask(|l| lane_ok(16 * c + l, kx));
                     [m(0), m(1), m(2)]
                 })
                 .collect();
-            let store = (0..chunks).map(|c| mask(&|l| 16 * c + l < wo)).collect();
+            let store = (0..chunks).map(|c| lanes((wo - 16 * c).min(16))).collect();
             Self {
                 h,
                 w,
@@ -1273,16 +1288,7 @@ mod avx512 {
             let pf = &mut pf;
             // SAFETY: loads read only input rows inside the plane and, through the masks,
             // only its columns; stores are masked to the `wo` columns of rows below `ho`.
-            unsafe {
-                match (relu, act) {
-                    (false, Activation::None) => self.blocks::<0, false>(sp, op, &kv, bias, pf),
-                    (false, Activation::Relu) => self.blocks::<1, false>(sp, op, &kv, bias, pf),
-                    (false, Activation::Relu6) => self.blocks::<2, false>(sp, op, &kv, bias, pf),
-                    (true, Activation::None) => self.blocks::<0, true>(sp, op, &kv, bias, pf),
-                    (true, Activation::Relu) => self.blocks::<1, true>(sp, op, &kv, bias, pf),
-                    (true, Activation::Relu6) => self.blocks::<2, true>(sp, op, &kv, bias, pf),
-                }
-            }
+            unsafe { with_flags!(relu, act, self.blocks(sp, op, &kv, bias, pf)) }
         }
 
         /// Every output row once, in blocks of up to three rows `dy` apart.
@@ -1455,18 +1461,15 @@ mod avx512 {
             (pt, pl): (usize, usize),
         ) -> Self {
             let chunks = wo.div_ceil(16);
-            let mask = |f: &dyn Fn(usize) -> bool| {
-                (0..16).fold(0u16, |m, l| if f(l) { m | 1 << l } else { m })
-            };
             let load = (0..chunks)
                 .map(|c| {
                     let m = |t: usize| {
-                        mask(&|l| (32 * c + 16 * t + l).checked_sub(pl).is_some_and(|x| x < w))
+                        lane_mask(|l| (32 * c + 16 * t + l).checked_sub(pl).is_some_and(|x| x < w))
                     };
                     [m(0), m(1), m(2)]
                 })
                 .collect();
-            let store = (0..chunks).map(|c| mask(&|l| 16 * c + l < wo)).collect();
+            let store = (0..chunks).map(|c| lanes((wo - 16 * c).min(16))).collect();
             Self {
                 h,
                 w,
@@ -1501,16 +1504,7 @@ mod avx512 {
             let (sp, op) = (src.as_ptr(), out.as_mut_ptr() as *mut f32);
             // SAFETY: loads read only rows inside the plane and, through the masks, only its
             // columns; stores are masked to the `wo` columns of rows below `ho`.
-            unsafe {
-                match (relu, act) {
-                    (false, Activation::None) => self.rows::<0, false>(sp, op, &kv, bias),
-                    (false, Activation::Relu) => self.rows::<1, false>(sp, op, &kv, bias),
-                    (false, Activation::Relu6) => self.rows::<2, false>(sp, op, &kv, bias),
-                    (true, Activation::None) => self.rows::<0, true>(sp, op, &kv, bias),
-                    (true, Activation::Relu) => self.rows::<1, true>(sp, op, &kv, bias),
-                    (true, Activation::Relu6) => self.rows::<2, true>(sp, op, &kv, bias),
-                }
-            }
+            unsafe { with_flags!(relu, act, self.rows(sp, op, &kv, bias)) }
         }
 
         /// Every output row once, in blocks of up to [`ROWS2`] consecutive rows.
