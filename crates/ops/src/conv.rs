@@ -24,7 +24,7 @@
 //! and its backward is exact. Uncovered rows and columns get zero gradient through the crop.
 
 use crate::batch_norm::epilogue_row;
-use crate::cpu::{f32_slice, threads, Ptr};
+use crate::cpu::{f32_slice, put_buf, take_buf, threads, Ptr};
 use crate::geometry::Conv2dGeometry;
 use crate::im2col::{col2im, fill_rows, im2col, tap_major, Patches};
 use crate::sgemm::{sgemm_raw, sgemm_raw_ex, RawOperand, RowEpilogue};
@@ -265,11 +265,7 @@ pub(crate) fn forward_f32(
         // Even chunks of whole output rows, each at most CHUNK_ELEMS (or one row) of columns.
         let chunks = (kk * l).div_ceil(CHUNK_ELEMS).clamp(1, p.ho);
         let rows = p.ho.div_ceil(chunks);
-        let mut buf = SCRATCH.take();
-        let need = kk * rows * p.wo;
-        if buf.len() < need {
-            buf = vec![0f32; need];
-        }
+        let mut buf = take_buf(&SCRATCH, kk * rows * p.wo);
         for b in 0..n {
             let xb = &x[b * cin * hw..(b + 1) * cin * hw];
             let ob = out.as_mut_ptr().wrapping_add(b * cout * l);
@@ -296,7 +292,7 @@ pub(crate) fn forward_f32(
                 }
             }
         }
-        SCRATCH.set(buf);
+        put_buf(&SCRATCH, buf);
     }
     // SAFETY: the products wrote all `total` elements.
     unsafe { out.set_len(total) };
@@ -401,7 +397,7 @@ fn forward_regions(
         .zip(k.par_chunks(cin * taps))
         .for_each(|(dst, src)| tap_major(src, taps, dst));
     let (ys, xs) = (p.segments(true), p.segments(false));
-    let mut buf = SCRATCH.take();
+    let mut buf = take_buf(&SCRATCH, 0);
     let mut tmp: Vec<f32> = Vec::new();
     let out_ptr = Ptr(out.as_mut_ptr());
     for b in 0..n {
@@ -523,7 +519,7 @@ fn forward_regions(
             }
         }
     }
-    SCRATCH.set(buf);
+    put_buf(&SCRATCH, buf);
     Ok(())
 }
 

@@ -656,11 +656,8 @@ unsafe fn blocked(
         let (c0, c1) = g.col_range(ci);
         // Chunks of at most `NC_PANELS` panels, as even as whole panels allow.
         let chunks = (c1 - c0).div_ceil(NC_PANELS);
-        let mut buf = PACK.take();
         let most = (c1 - c0).div_ceil(chunks);
-        if buf.len() < kc_max * most * NR {
-            buf = vec![0f32; kc_max * most * NR];
-        }
+        let mut buf = crate::cpu::take_buf(&PACK, kc_max * most * NR);
         // Whole-struct uses (not `pa.0`), so the closure captures the `Send` wrappers.
         let (a, b, c) = (pa.get(), pb.get(), pc);
         for ch in 0..chunks {
@@ -718,7 +715,7 @@ unsafe fn blocked(
                 }
             }
         }
-        PACK.set(buf);
+        crate::cpu::put_buf(&PACK, buf);
     };
     let jobs = g.row_jobs * g.col_jobs;
     if threads > 1 && jobs > 1 {

@@ -108,7 +108,7 @@ const TILES_MAX: usize = 480;
 
 /// The most floats of one block's transformed input (`(m + 2)² x Cin x tiles`): 8 MiB, so a
 /// block of an ASPP branch's 2048 input channels holds a few tile rows.
-pub(crate) const V_BUDGET: usize = 2 << 20;
+const V_BUDGET: usize = 2 << 20;
 
 /// Whether a convolution can take the Winograd path: a 3x3 kernel, stride 1 (any dilation),
 /// and enough channels on both sides for the products to dominate the transforms.
@@ -188,7 +188,9 @@ impl Axis {
 }
 
 /// The transformed weights `U`, laid out `[Cout][16][Cin]` (so `U_ξ` is a row-major
-/// `Cout x Cin` matrix with row stride `16 * Cin`), from `k: [Cout, Cin, 3, 3]`.
+/// `Cout x Cin` matrix with row stride `16 * Cin`), from `k: [Cout, Cin, 3, 3]`: the first
+/// `cout * 16 * cin` values of the thread's reused buffer (which may be longer; hand it back
+/// with [`give_back_weights`]).
 pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut u = take_buf(&U_BUF, cout * 16 * cin);
     u[..cout * 16 * cin]
@@ -414,7 +416,7 @@ scheme!(
 /// in parallel over output channels.
 ///
 /// # Safety
-/// `u` holds `cout * (m + 2)² * cin` values; `out` must be writable at `cout * ho * wo` elements
+/// `u` holds at least `cout * (m + 2)² * cin` values; `out` must be writable at `cout * ho * wo` elements
 /// and not accessed by anyone else during the call; `residual`, if any, holds `cout * ho * wo`
 /// values.
 #[allow(clippy::too_many_arguments)]

@@ -100,7 +100,8 @@ fn slices_mut<const K: usize>(buf: &mut [f32], n: usize, first: usize) -> [&mut 
 
 /// The transformed weights `U` (`[Cout][36][Cin]`, so `U_ξ` is a row-major `Cout x Cin` matrix
 /// with row stride `36 * Cin`) from `k: [Cout, Cin, 3, 3]`: `G g` then `(G g) Gᵀ`, each a sweep
-/// along the input channels.
+/// along the input channels; the first `cout * 36 * cin` values of the thread's reused buffer,
+/// as F(2x2)'s [`super::transform_weights`].
 pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     // Every value of the first `cout * 36 * cin` is written below (a buffer reused from the
     // thread's last call may be longer).
