@@ -41,6 +41,10 @@ thread_local! {
     /// a fresh buffer in every time. Taken out while in use, so a re-entrant call (a rayon
     /// worker picking up another convolution) just allocates its own.
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The rectangle path's packed weights, reused like `SCRATCH`.
+    static REGION_WEIGHTS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The rectangle path's pixel-major outputs, reused like `SCRATCH`.
+    static REGION_ACC: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Convolution of `(x, w)` with one group on [`forward_f32`]: a `pointwise` one (1x1, stride 1,
@@ -304,6 +308,7 @@ pub(crate) fn forward_f32(
 /// the epilogue and residual.
 fn write_rect(
     tmp: &[f32],
+    pixel_major: bool,
     (b, r0, x0, nx): (usize, usize, usize, usize),
     (cout, l, wo): (usize, usize, usize),
     epi: Option<(&[f32], &[f32], crate::Activation)>,
@@ -314,13 +319,19 @@ fn write_rect(
     let npx = tmp.len() / cout;
     (0..cout).into_par_iter().for_each(|o| {
         let base = b * cout * l + o * l;
-        for (yy, src) in tmp[o * npx..(o + 1) * npx].chunks_exact(nx).enumerate() {
+        for yy in 0..npx / nx {
             let at = base + (r0 + yy) * wo + x0;
             // SAFETY: `[at, at + nx)` is row `r0 + yy`, columns `[x0, x0 + nx)` of channel `o`
             // of image `b`: inside the output's capacity and written by this task alone
             // (rectangles and channels do not overlap).
             let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), nx) };
-            dst.copy_from_slice(src);
+            if pixel_major {
+                for (xx, d) in dst.iter_mut().enumerate() {
+                    *d = tmp[(yy * nx + xx) * cout + o];
+                }
+            } else {
+                dst.copy_from_slice(&tmp[o * npx + yy * nx..o * npx + (yy + 1) * nx]);
+            }
             if let Some((s, t, act)) = epi {
                 let r = residual.map(|r| &r[at..at + nx]);
                 multiversion!(|| epilogue_row(dst, (s[o], t[o]), act, r));
@@ -377,10 +388,12 @@ fn winograd_tile(p: &Patches, (cin, cout): (usize, usize), direct: f64) -> usize
 
 /// A convolution whose taps often fall in the zero padding (large atrous rates on small maps)
 /// without multiplying those zeros: the output is split into rectangles inside which the same
-/// taps read inside the input ([`Patches::segments`] of each axis), and each rectangle is one
-/// product (one per kernel row when only some kernel columns are valid) of the tap-major
-/// weights `[Cout, kh, kw, Cin]` restricted to its taps and the patch matrix of just those
-/// taps. The rectangle's result goes through the epilogue into `out` (NCHW, written entirely).
+/// taps read inside the input ([`Patches::segments`] of each axis). With AVX-512 the
+/// rectangles' pixels multiply the packed weights tap by tap in place
+/// ([`forward_regions_nhwc`]); otherwise each rectangle is one product (one per kernel row
+/// when only some kernel columns are valid) of the tap-major weights `[Cout, kh, kw, Cin]`
+/// restricted to its taps and the patch matrix of just those taps. The rectangle's result goes
+/// through the epilogue into `out` (NCHW, written entirely).
 fn forward_regions(
     (x, (n, cin)): (&[f32], (usize, usize)),
     (k, cout): (&[f32], usize),
@@ -390,6 +403,10 @@ fn forward_regions(
     out: &mut Vec<f32>,
 ) -> Result<()> {
     use rayon::prelude::*;
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx512() {
+        return forward_regions_nhwc((x, (n, cin)), (k, cout), p, epi, residual, out);
+    }
     let (taps, hw, l) = (p.taps(), p.h * p.w, p.ho * p.wo);
     // Tap-major weights: row `o` holds `[ky][kx][cin]`.
     let mut wt = vec![0f32; cout * taps * cin];
@@ -406,10 +423,8 @@ fn forward_regions(
             for &(x0, x1, kx0, kx1) in &xs {
                 let (ntx, nty, nx) = (kx1 - kx0, ky1 - ky0, x1 - x0);
                 let kr = nty * ntx * cin;
-                // Even row chunks of the rectangle whose patch matrices (when written: not on
-                // the gathering path, where the chunks only bound the products' output) fit
-                // CHUNK_ELEMS (an uneven split left a one-row product of 21 columns for the
-                // rate-6 ASPP branch).
+                // Even row chunks of the rectangle whose patch matrices fit CHUNK_ELEMS (an
+                // uneven split left a one-row product of 21 columns for the rate-6 ASPP branch).
                 let chunks = (kr * nx * (y1 - y0))
                     .div_ceil(CHUNK_ELEMS)
                     .clamp(1, y1 - y0);
@@ -433,82 +448,40 @@ fn forward_regions(
                             taps * cin,
                         )
                     };
-                    // With AVX-512 the product gathers its patch rows from the input while it
-                    // packs them (no patch matrix written: ResNet-101's rate 6/12/18 ASPP
-                    // branches spent 6 / 6 / 4 ms of 37 / 31 / 22 writing theirs).
-                    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-                    let mut gathered = false;
-                    #[cfg(target_arch = "x86_64")]
-                    if let (true, Some(row_step)) =
-                        (crate::cpu::has_avx512(), p.contiguous_row_step())
-                    {
-                        for part in 0..parts {
-                            let offs: Vec<usize> = (part * per..(part + 1) * per)
-                                .map(|t| p.read_offset(tap(t), (r0, x0)))
-                                .collect();
-                            let b = crate::sgemm::PatchRows {
-                                x: xb,
-                                plane: hw,
-                                cin,
-                                row_step,
-                                nx,
-                                tap_off: &offs,
-                            };
-                            // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`),
-                            // `C` the `cout x npx` `tmp` (capacity reserved; written by the
-                            // first part, accumulated by the others); the CPU has AVX-512F;
-                            // `sgemm_patches` checks `B`.
-                            unsafe {
-                                crate::sgemm::sgemm_patches(
-                                    (cout, npx, kp),
-                                    a_part(part),
-                                    b,
-                                    (tmp.as_mut_ptr(), npx),
-                                    part > 0,
-                                    threads(),
-                                )?
-                            };
-                        }
-                        gathered = true;
+                    if buf.len() < kr * npx {
+                        buf = vec![0f32; kr * npx];
                     }
-                    if !gathered {
-                        if buf.len() < kr * npx {
-                            buf = vec![0f32; kr * npx];
-                        }
-                        let cols = &mut buf[..kr * npx];
-                        cols.par_chunks_mut(npx)
-                            .enumerate()
-                            .with_min_len(4096usize.div_ceil(npx))
-                            .for_each(|(i, row)| {
-                                let (t, c) = (i / cin, i % cin);
-                                let src = &xb[c * hw..(c + 1) * hw];
-                                p.fill_rect(src, tap(t), (r0, r1), (x0, x1), row);
-                            });
-                        for part in 0..parts {
-                            // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`),
-                            // `B` the part's `kp` rows of the `kr x npx` patch matrix, `C` the
-                            // `cout x npx` `tmp` (capacity reserved; written by the first part,
-                            // accumulated by the others).
-                            unsafe {
-                                sgemm_raw_ex(
-                                    (cout, npx, kp),
-                                    a_part(part),
-                                    RawOperand::rows(
-                                        cols.as_ptr().wrapping_add(part * kp * npx),
-                                        npx,
-                                    ),
-                                    (tmp.as_mut_ptr(), npx),
-                                    part > 0,
-                                    None,
-                                    threads(),
-                                )
-                            }
+                    let cols = &mut buf[..kr * npx];
+                    cols.par_chunks_mut(npx)
+                        .enumerate()
+                        .with_min_len(4096usize.div_ceil(npx))
+                        .for_each(|(i, row)| {
+                            let (t, c) = (i / cin, i % cin);
+                            let src = &xb[c * hw..(c + 1) * hw];
+                            p.fill_rect(src, tap(t), (r0, r1), (x0, x1), row);
+                        });
+                    for part in 0..parts {
+                        // SAFETY: `A` is `cout x kp` inside `wt` (row stride `taps * cin`),
+                        // `B` the part's `kp` rows of the `kr x npx` patch matrix, `C` the
+                        // `cout x npx` `tmp` (capacity reserved; written by the first part,
+                        // accumulated by the others).
+                        unsafe {
+                            sgemm_raw_ex(
+                                (cout, npx, kp),
+                                a_part(part),
+                                RawOperand::rows(cols.as_ptr().wrapping_add(part * kp * npx), npx),
+                                (tmp.as_mut_ptr(), npx),
+                                part > 0,
+                                None,
+                                threads(),
+                            )
                         }
                     }
                     // SAFETY: the first product wrote all `cout * npx` values.
                     unsafe { tmp.set_len(cout * npx) };
                     write_rect(
                         &tmp,
+                        false,
                         (b, r0, x0, nx),
                         (cout, l, p.wo),
                         epi,
@@ -521,6 +494,123 @@ fn forward_regions(
     }
     put_buf(&SCRATCH, buf);
     Ok(())
+}
+
+/// [`forward_regions`] with AVX-512: the weights are packed into the microkernel's panels (a
+/// `Cin x Cout` operand per tap), each image goes channels-last, and then tap by tap every
+/// rectangle that reads inside the input with that tap adds the product of its pixels' rows,
+/// read in place from the channels-last image, by the tap's weights
+/// ([`crate::sgemm::sgemm_pixels`]): nothing is gathered per rectangle, and every product has
+/// the whole input depth (the patch-matrix path's rectangles were products of 256 rows, each
+/// packing its patch rows; ResNet-101's rate 6 / 12 / 18 ASPP branches 34 / 28 / 20 -> 26 / 21 /
+/// 17 ms in alternating profiles). Each output is the FMA chain over its rectangle's taps in
+/// order, then the channels. The rectangles' outputs (pixel-major) reach `out` transposed,
+/// through the epilogue.
+#[cfg(target_arch = "x86_64")]
+fn forward_regions_nhwc(
+    (x, (n, cin)): (&[f32], (usize, usize)),
+    (k, cout): (&[f32], usize),
+    p: &Patches,
+    epi: Option<(&[f32], &[f32], crate::Activation)>,
+    residual: Option<&[f32]>,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    use crate::sgemm::{pack_conv_weights, packed_len, sgemm_pixels, PixelRows};
+    let (taps, hw, l) = (p.taps(), p.h * p.w, p.ho * p.wo);
+    // The rectangles `(y0, x0, ny, nx, ky0..ky1, kx0..kx1)`, their pixel-major outputs one
+    // after another in `acc` from `at`.
+    let mut rects = Vec::new();
+    let mut at = 0;
+    for &(y0, y1, ky0, ky1) in &p.segments(true) {
+        for &(x0, x1, kx0, kx1) in &p.segments(false) {
+            rects.push((at, (y0, x0, y1 - y0, x1 - x0), (ky0..ky1, kx0..kx1)));
+            at += (y1 - y0) * (x1 - x0) * cout;
+        }
+    }
+    let (row_step, col_step) = p.pixel_steps();
+    let mut xt = take_buf(&SCRATCH, cin * hw);
+    let len = packed_len(cin, cout);
+    let mut wt = take_buf(&REGION_WEIGHTS, taps * len);
+    pack_conv_weights(k, (cout, cin, taps), &mut wt)?;
+    let mut acc = take_buf(&REGION_ACC, l * cout);
+    let out_ptr = Ptr(out.as_mut_ptr());
+    for b in 0..n {
+        channels_last(
+            &x[b * cin * hw..(b + 1) * cin * hw],
+            cin,
+            &mut xt[..cin * hw],
+        );
+        for t in 0..taps {
+            let (ky, kx) = (t / p.kw, t % p.kw);
+            let users = rects
+                .iter()
+                .filter(|(_, _, (kys, kxs))| kys.contains(&ky) && kxs.contains(&kx));
+            for (at, (y0, x0, ny, nx), (kys, kxs)) in users {
+                let a = PixelRows {
+                    x: &xt[..cin * hw],
+                    cin,
+                    row_step,
+                    col_step,
+                    nx: *nx,
+                    first: p.read_offset((ky, kx), (*y0, *x0)),
+                };
+                // The rectangle's first tap starts its sums.
+                let first = (ky, kx) == (kys.start, kxs.start);
+                let c = &mut acc[*at..*at + ny * nx * cout];
+                // SAFETY: `c` holds the rectangle's `ny * nx x cout` outputs; AVX-512 checked by
+                // the caller; `sgemm_pixels` checks `A` and the packed weights' length.
+                let wt = &wt[t * len..(t + 1) * len];
+                unsafe { sgemm_pixels(ny * nx, a, (wt, cout), c, !first, threads())? };
+            }
+        }
+        for (at, (y0, x0, ny, nx), (kys, kxs)) in &rects {
+            let c = &mut acc[*at..*at + ny * nx * cout];
+            if kys.is_empty() || kxs.is_empty() {
+                // Every tap in the padding: the product is zero.
+                c.fill(0.0);
+            }
+            write_rect(
+                c,
+                true,
+                (b, *y0, *x0, *nx),
+                (cout, l, p.wo),
+                epi,
+                residual,
+                out_ptr,
+            );
+        }
+    }
+    put_buf(&SCRATCH, xt);
+    put_buf(&REGION_WEIGHTS, wt);
+    put_buf(&REGION_ACC, acc);
+    Ok(())
+}
+
+/// An image's `cin` planes of `plane` values (NCHW) as `plane` pixels of `cin` values
+/// (channels-last) in `dst`, in blocks of 64 pixels by 16 channels (a pixel's 16 values one
+/// line of `dst`; a channel at a time with a whole-row stride, every write of a block landed
+/// in one L1 set, and ResNet-101's 2048-channel 33x33 map took 8 ms instead of ~1).
+#[cfg(target_arch = "x86_64")]
+fn channels_last(x: &[f32], cin: usize, dst: &mut [f32]) {
+    use rayon::prelude::*;
+    const PIXELS: usize = 64;
+    const CHANNELS: usize = 16;
+    let plane = x.len() / cin;
+    dst.par_chunks_mut(PIXELS * cin)
+        .enumerate()
+        .for_each(|(blk, d)| {
+            let p0 = blk * PIXELS;
+            let np = d.len() / cin;
+            for c0 in (0..cin).step_by(CHANNELS) {
+                let cb = CHANNELS.min(cin - c0);
+                for j in 0..np {
+                    let row = &mut d[j * cin + c0..j * cin + c0 + cb];
+                    for (c, v) in row.iter_mut().enumerate() {
+                        *v = x[(c0 + c) * plane + p0 + j];
+                    }
+                }
+            }
+        });
 }
 
 /// `act(conv2d(x, w) * scale + shift + residual)` (inference only): the folded convolution

@@ -188,11 +188,10 @@ impl Patches {
             .collect()
     }
 
-    /// The input distance between consecutive output rows when an output row's pixels read a
-    /// contiguous run of an input row (column stride 1), the addressing of
-    /// [`crate::sgemm::PatchRows`]; `None` otherwise.
-    pub(crate) fn contiguous_row_step(&self) -> Option<usize> {
-        (self.sx == 1).then_some(self.sy * self.w)
+    /// The input pixels between consecutive output rows and between consecutive output
+    /// columns (the addressing of [`crate::sgemm::PixelRows`]).
+    pub(crate) fn pixel_steps(&self) -> (usize, usize) {
+        (self.sy * self.w, self.sx)
     }
 
     /// Where in an input plane tap `(ky, kx)` reads for output pixel `(oy, ox)`, which must read

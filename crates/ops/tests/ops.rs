@@ -804,6 +804,28 @@ fn conv2d_im2col_matches_reference() -> Result<()> {
                 &format!("winograd conv2d with asymmetric padding, dilation {dilation:?}"),
             )?;
         }
+        // Padding wider than the kernel's reach: the outer output rows and columns read only
+        // padding (rectangles without a tap), at 1100 channels (two depth blocks) and 5.
+        for (c, cout) in [(1100, 4), (5, 3)] {
+            let geom = Conv2dGeometry {
+                padding: Padding2d {
+                    top: 4,
+                    bottom: 3,
+                    left: 4,
+                    right: 5,
+                },
+                ..Conv2dGeometry::default()
+            };
+            let x = seeded_uniform(&[1, c, 6, 7], 38, &dev)?;
+            let wt = (seeded_uniform(&[cout, c, 3, 3], 39, &dev)? * 0.5)?;
+            let b = seeded_uniform(&[cout], 40, &dev)?;
+            compare_op(
+                &[x, wt, b],
+                &|t| conv2d(&t[0], &t[1], Some(&t[2]), &geom, 1),
+                &|t| reference::conv2d(&t[0], &t[1], Some(&t[2]), &geom),
+                &format!("conv2d {c} -> {cout} with padding beyond the kernel on {dev:?}"),
+            )?;
+        }
         // An input that needs no gradient (the stem's image) gets none computed; the weight
         // gradient is still right.
         let x = seeded_uniform(&[2, 3, 17, 23], 34, &dev)?;
