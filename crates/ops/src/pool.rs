@@ -50,7 +50,10 @@ impl MaxPool {
     /// [`Self::argmax`] (0 for a window wholly in the padding), bit for bit. The columns whose
     /// taps all lie inside the row run tap by tap over a whole output row (no per-tap bounds
     /// checks: each tap's update is a compare-and-select along the row, in window order); the
-    /// few edge columns go through `argmax`.
+    /// few edge columns go through `argmax`. With a stride, each input row is first split into
+    /// its `stride` phases (every `stride`-th value from each offset), so every tap reads a
+    /// contiguous run and the compare-and-selects vectorize (ResNet's 3x3 / 2 stem pool over
+    /// 64 planes of 257x257 read its taps with a stride: ~12 ms per pass, ONNX Runtime's 0.4).
     fn forward_plane(&self, p: &[f32], (h, w): (usize, usize), o: &mut [f32], wo: usize) {
         let g = &self.geom;
         let (kh, kw) = self.kernel;
@@ -61,6 +64,13 @@ impl MaxPool {
             Some(last) => (last / s + 1).clamp(lo, wo),
             None => lo,
         };
+        // The phases of an input row, `pw` values each (phase `r` holds `row[r + s * j]`).
+        let pw = w.div_ceil(s);
+        let mut phases = if s > 1 {
+            vec![0f32; s * pw]
+        } else {
+            Vec::new()
+        };
         for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
             for ox in (0..lo).chain(hi..wo) {
                 let i = self.argmax(p, h, w, oy, ox);
@@ -70,6 +80,7 @@ impl MaxPool {
                 continue;
             }
             let acc = &mut orow[lo..hi];
+            let n = acc.len();
             let mut first = true;
             for ky in 0..kh {
                 let Some(iy) = (oy * g.stride.0 + ky * g.dilation.0)
@@ -79,19 +90,37 @@ impl MaxPool {
                     continue;
                 };
                 let row = &p[iy * w..(iy + 1) * w];
+                if s == 2 {
+                    let (even, odd) = phases.split_at_mut(pw);
+                    for ((e, od), v) in even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2))
+                    {
+                        (*e, *od) = (v[0], v[1]);
+                    }
+                    if w % 2 == 1 {
+                        even[pw - 1] = row[w - 1];
+                    }
+                } else if s > 2 {
+                    for (i, &v) in row.iter().enumerate() {
+                        phases[(i % s) * pw + i / s] = v;
+                    }
+                }
                 for kx in 0..kw {
-                    let taps = row[lo * s + kx * d - pl..].iter().step_by(s);
+                    // Output column `lo + j` reads `row[base + j * s]`, all inside the row.
+                    let base = lo * s + kx * d - pl;
+                    let taps = if s == 1 {
+                        &row[base..base + n]
+                    } else {
+                        let at = (base % s) * pw + base / s;
+                        &phases[at..at + n]
+                    };
                     if first {
-                        for (a, &v) in acc.iter_mut().zip(taps) {
-                            *a = v;
-                        }
+                        acc.copy_from_slice(taps);
                         first = false;
                     } else {
                         for (a, &v) in acc.iter_mut().zip(taps) {
                             // `argmax`'s rule: a larger value, or the first NaN, takes over.
-                            if v > *a || (v.is_nan() && !a.is_nan()) {
-                                *a = v;
-                            }
+                            let take = v > *a || (v.is_nan() && !a.is_nan());
+                            *a = if take { v } else { *a };
                         }
                     }
                 }
@@ -206,7 +235,8 @@ mod tests {
     use crate::geometry::Padding2d;
 
     /// The row-wise forward gives, bit for bit, the value at `argmax` of every window, for
-    /// strides, dilations and asymmetric paddings, with NaNs, signed zeros and ties.
+    /// column strides 1, 2 and 3 (rows split into phases), dilations and asymmetric paddings,
+    /// with NaNs, signed zeros and ties.
     #[test]
     fn forward_rows_match_argmax() {
         let specials = [f32::NAN, -0.0, 0.0, 1.5, 1.5, -f32::INFINITY];
@@ -216,6 +246,7 @@ mod tests {
                 ((3, 3), (1, 1), (1, 1), (0, 0, 0, 0)),
                 ((3, 2), (1, 2), (2, 1), (2, 0, 0, 1)),
                 ((2, 3), (3, 2), (1, 3), (1, 1, 2, 0)),
+                ((3, 3), (2, 3), (1, 1), (1, 0, 1, 2)),
             ] {
                 let geom = Conv2dGeometry {
                     stride,
