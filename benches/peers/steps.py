@@ -26,6 +26,10 @@ and the sixth session's (the middle binary: f8e057b without the microkernel's wr
     python3 benches/peers/steps.py --rounds 3 --step "session start (2fbfdf1)=/tmp/deeplab-2fbfdf1" \
         --step "+ balanced sgemm grid=/tmp/deeplab-grid" \
         --step "+ write prefetch of C (008a3bb)=target/release/deeplab"
+and the seventh session's (each binary built at its commit):
+    python3 benches/peers/steps.py --rounds 3 --step "session start (58121f5)=/tmp/deeplab-base" \
+        --step "+ atrous rectangles as pixel-row products (f66ae89)=/tmp/deeplab-f66ae89" \
+        --step "+ max pool by phases (f4a4a72)=/tmp/deeplab-f4a4a72"
 """
 import argparse
 import os
