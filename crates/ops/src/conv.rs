@@ -517,8 +517,8 @@ fn forward_regions_nhwc(
 ) -> Result<()> {
     use crate::sgemm::{pack_conv_weights, packed_len, sgemm_pixels, PixelRows};
     let (taps, hw, l) = (p.taps(), p.h * p.w, p.ho * p.wo);
-    // The rectangles `(y0, x0, ny, nx, ky0..ky1, kx0..kx1)`, their pixel-major outputs one
-    // after another in `acc` from `at`.
+    // The rectangles `(at, (y0, x0, ny, nx), (ky0..ky1, kx0..kx1))`: their pixel-major outputs
+    // lie one after another in `acc`, each from its `at`.
     let mut rects = Vec::new();
     let mut at = 0;
     for &(y0, y1, ky0, ky1) in &p.segments(true) {
@@ -557,9 +557,9 @@ fn forward_regions_nhwc(
                 // The rectangle's first tap starts its sums.
                 let first = (ky, kx) == (kys.start, kxs.start);
                 let c = &mut acc[*at..*at + ny * nx * cout];
-                // SAFETY: `c` holds the rectangle's `ny * nx x cout` outputs; AVX-512 checked by
-                // the caller; `sgemm_pixels` checks `A` and the packed weights' length.
                 let wt = &wt[t * len..(t + 1) * len];
+                // SAFETY: AVX-512 checked by the caller; `sgemm_pixels` checks `A`, the packed
+                // weights' length and that `c` holds the `ny * nx x cout` outputs.
                 unsafe { sgemm_pixels(ny * nx, a, (wt, cout), c, !first, threads())? };
             }
         }
