@@ -37,7 +37,8 @@ use std::cell::Cell;
 const CHUNK_ELEMS: usize = 1 << 22;
 
 thread_local! {
-    /// Patch-matrix scratch reused across calls, so repeated convolutions do not page-fault
+    /// Patch-matrix scratch (the rectangle path's channels-last image with AVX-512) reused
+    /// across calls, so repeated convolutions do not page-fault
     /// a fresh buffer in every time. Taken out while in use, so a re-entrant call (a rayon
     /// worker picking up another convolution) just allocates its own.
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
@@ -303,9 +304,9 @@ pub(crate) fn forward_f32(
     Ok((out, shape))
 }
 
-/// Copies a rectangle's products (`tmp`: `cout` rows of its pixels) into image `b`'s output
-/// channels (`l` pixels each, rows `wo` wide) at rows from `r0`, columns `x0..x0 + nx`, through
-/// the epilogue and residual.
+/// Copies a rectangle's products (`tmp`: `cout` rows of its pixels, or with `pixel_major` its
+/// pixels' rows of `cout` values) into image `b`'s output channels (`l` pixels each, rows `wo`
+/// wide) at rows from `r0`, columns `x0..x0 + nx`, through the epilogue and residual.
 fn write_rect(
     tmp: &[f32],
     pixel_major: bool,
@@ -346,10 +347,11 @@ fn write_rect(
 const REGIONS_MIN_PADDING: f64 = 0.15;
 
 /// A 3x3 stride-1 convolution runs as Winograd (F(2x2, 3x3) or F(4x4, 3x3)) when that does at
-/// most this share of the direct path's multiplies (its transforms cost the rest): undilated and rate-2 convs on
-/// DeepLab's maps do 0.45-0.47; ResNet's rate-6 ASPP branch on 33x33 would do 0.69 of the
-/// rectangles' and measured slower on Winograd (36-38 vs 34-35 ms in alternating runs: the
-/// transforms of 2048 input channels for few tiles), its rates 12 and 18 more than the direct path.
+/// most this share of the direct path's multiplies (its transforms cost the rest): undilated
+/// and rate-2 convs on DeepLab's maps do 0.45-0.47; ResNet's rate-6 ASPP branch on 33x33 would
+/// do 0.69 of the rectangles' and measured slower on Winograd (36-38 vs 34-35 ms in alternating
+/// runs: the transforms of 2048 input channels for few tiles), its rates 12 and 18 more than
+/// the direct path.
 const WINOGRAD_MAX_SHARE: f64 = 0.6;
 
 /// F(4x4, 3x3) replaces F(2x2, 3x3) when it does at most this share of its multiplies: 33x33
@@ -557,10 +559,10 @@ fn forward_regions_nhwc(
                 // The rectangle's first tap starts its sums.
                 let first = (ky, kx) == (kys.start, kxs.start);
                 let c = &mut acc[*at..*at + ny * nx * cout];
-                let wt = &wt[t * len..(t + 1) * len];
+                let tap_weights = &wt[t * len..(t + 1) * len];
                 // SAFETY: AVX-512 checked by the caller; `sgemm_pixels` checks `A`, the packed
                 // weights' length and that `c` holds the `ny * nx x cout` outputs.
-                unsafe { sgemm_pixels(ny * nx, a, (wt, cout), c, !first, threads())? };
+                unsafe { sgemm_pixels(ny * nx, a, (tap_weights, cout), c, !first, threads())? };
             }
         }
         for (at, (y0, x0, ny, nx), (kys, kxs)) in &rects {

@@ -435,13 +435,14 @@ fn check_shapes(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, usize, u
     Ok((n, c, h, wd, kh, kw))
 }
 
-/// The forward on contiguous f32 data: `act(conv(input_relu ? relu(x) : x, k) + bias[c])` for
-/// `n x c` planes, split into a few contiguous runs of planes per thread, each with one scratch.
 /// A scratch-free forward kernel on one plane: `(plane, next plane's input or empty, its
 /// weights, its epilogue, its output)`.
 #[cfg(target_arch = "x86_64")]
 type PlaneKernel<'a> = dyn Fn(usize, &[f32], &[f32], Epi, &mut [MaybeUninit<f32>]) + Sync + 'a;
 
+/// The forward on contiguous f32 data: `act(conv(input_relu ? relu(x) : x, k) + bias[c])` for
+/// `n x c` planes, split into a few contiguous runs of planes per thread, each with one scratch
+/// (or none, with the AVX-512 kernels of 3x3 stride-1 and stride-2 convolutions).
 fn forward_cpu(
     x: &[f32],
     k: &[f32],

@@ -399,8 +399,8 @@ pub(crate) unsafe fn sgemm_raw_ex(
 /// the input channels of one convolution tap, read in place from a channels-last (NHWC)
 /// image: element `(i, c)` is `x[(first + (i / nx) * row_step + (i % nx) * col_step) * cin +
 /// c]`, `first` being the pixel the tap reads for the rectangle's first output. With the tap's
-/// weights packed ([`pack_conv_weights`]), a convolution over a rectangle is a sum of such products
-/// with nothing gathered ([`sgemm_pixels`]).
+/// weights packed ([`pack_conv_weights`]), a convolution over a rectangle is a sum of such
+/// products with nothing gathered ([`sgemm_pixels`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PixelRows<'a> {
     /// The image, `cin` values per pixel.
@@ -510,7 +510,6 @@ pub(crate) unsafe fn sgemm_pixels(
     accumulate: bool,
     threads: usize,
 ) -> Result<()> {
-    use rayon::prelude::*;
     a.check(m)?;
     let cin = a.cin;
     if n == 0 || b.len() < packed_len(cin, n) || c.len() < m * n {
@@ -521,14 +520,10 @@ pub(crate) unsafe fn sgemm_pixels(
         )
     }
     let g = Grid::new(m, n, threads);
-    let kblocks = cin.div_ceil(KC_MAX);
-    let kc_max = cin.div_ceil(kblocks);
+    let kc_max = depth_block(cin);
     let pc = Ptr(c.as_mut_ptr());
-    let job = |j: usize| {
-        let (ri, ci) = (j / g.col_jobs, j % g.col_jobs);
-        let (r0, r1) = g.row_range(ri);
-        let (i0, i1) = (r0 * MR, (r1 * MR).min(m));
-        let (q0, q1) = g.col_range(ci);
+    g.run(threads, |j| {
+        let ((i0, i1), (q0, q1)) = g.job(j, m);
         let c = pc;
         let tile = |i: usize| avx512::PixelTile {
             i0: i,
@@ -567,13 +562,7 @@ pub(crate) unsafe fn sgemm_pixels(
                 }
             }
         }
-    };
-    let jobs = g.row_jobs * g.col_jobs;
-    if threads > 1 && jobs > 1 {
-        (0..jobs).into_par_iter().for_each(job);
-    } else {
-        (0..jobs).for_each(job);
-    }
+    });
     Ok(())
 }
 
@@ -668,6 +657,27 @@ impl Grid {
         Self::part(self.panels, self.col_jobs, ci)
     }
 
+    /// Job `j`'s rows `[i0, i1)` of an `m`-row product and its column panels `[c0, c1)`.
+    fn job(&self, j: usize, m: usize) -> ((usize, usize), (usize, usize)) {
+        let (r0, r1) = self.row_range(j / self.col_jobs);
+        (
+            (r0 * MR, (r1 * MR).min(m)),
+            self.col_range(j % self.col_jobs),
+        )
+    }
+
+    /// Runs `job` on every job index, on the rayon pool when `threads > 1` and there is more
+    /// than one job.
+    fn run(&self, threads: usize, job: impl Fn(usize) + Sync + Send) {
+        use rayon::prelude::*;
+        let jobs = self.row_jobs * self.col_jobs;
+        if threads > 1 && jobs > 1 {
+            (0..jobs).into_par_iter().for_each(job);
+        } else {
+            (0..jobs).for_each(job);
+        }
+    }
+
     /// The work of the busiest of `t` workers (see [`Grid::new`]) for `n` columns, in
     /// full-tile units.
     fn makespan(&self, n: usize, t: usize) -> f64 {
@@ -695,6 +705,11 @@ impl Grid {
     }
 }
 
+/// The depth block of a `k`-deep product: at most [`KC_MAX`], the blocks as even as possible.
+fn depth_block(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC_MAX))
+}
+
 /// The AVX-512 blocked product (see the module docs).
 ///
 /// # Safety
@@ -709,17 +724,12 @@ unsafe fn blocked(
     epi: Option<RowEpilogue<'_>>,
     threads: usize,
 ) {
-    use rayon::prelude::*;
     let g = Grid::new(m, n, threads);
-    let kblocks = k.div_ceil(KC_MAX);
-    let kc_max = k.div_ceil(kblocks);
+    let kc_max = depth_block(k);
     let pc = Ptr(c);
     let (pa, pb) = (Ptr(a), Ptr(b));
-    let job = |j: usize| {
-        let (ri, ci) = (j / g.col_jobs, j % g.col_jobs);
-        let (r0, r1) = g.row_range(ri);
-        let (i0, i1) = (r0 * MR, (r1 * MR).min(m));
-        let (c0, c1) = g.col_range(ci);
+    g.run(threads, |j| {
+        let ((i0, i1), (c0, c1)) = g.job(j, m);
         // Chunks of at most `NC_PANELS` panels, as even as whole panels allow.
         let chunks = (c1 - c0).div_ceil(NC_PANELS);
         let most = (c1 - c0).div_ceil(chunks);
@@ -782,13 +792,7 @@ unsafe fn blocked(
             }
         }
         crate::cpu::put_buf(&PACK, buf);
-    };
-    let jobs = g.row_jobs * g.col_jobs;
-    if threads > 1 && jobs > 1 {
-        (0..jobs).into_par_iter().for_each(job);
-    } else {
-        (0..jobs).for_each(job);
-    }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -850,8 +854,8 @@ mod avx512 {
     /// 16 blocks (16 contiguous depths of 16 columns) transposed in registers into the panels.
     ///
     /// # Safety
-    /// Those elements of `b` are readable; `buf` holds at
-    /// least `kc * cols.div_ceil(NR) * NR` values; AVX-512F.
+    /// Those elements of `b` are readable; `buf` holds at least `kc * cols.div_ceil(NR) * NR`
+    /// values; AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack_b(
         b: RawOperand,
@@ -1016,10 +1020,10 @@ mod avx512 {
             /// residual, activation) when given; `a` gives the tile's first element of `A`.
             ///
             /// # Safety
-            /// `a` readable at every element `(i, p)`, `i < rows`, `p < kc`, of its layout; `b` at `p * NR + j`
-            /// for `p < kc`, `j < NR`; `c` readable (unless `first`) and writable at `i * ldc
-            /// + j` for `i < rows`, `j < cols`, and so the residual of `epi`, if any,
-            /// readable; `1 <= rows <= MR`, `1 <= cols <= NR`; AVX-512F.
+            /// `a` readable at every element `(i, p)`, `i < rows`, `p < kc`, of its layout; `b`
+            /// at `p * NR + j` for `p < kc`, `j < NR`; `c` readable (unless `first`) and
+            /// writable at `i * ldc + j` for `i < rows`, `j < cols`, and so the residual of
+            /// `epi`, if any, readable; `1 <= rows <= MR`, `1 <= cols <= NR`; AVX-512F.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = "avx512f")]
             pub(super) unsafe fn $name(

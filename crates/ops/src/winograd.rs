@@ -416,9 +416,9 @@ scheme!(
 /// in parallel over output channels.
 ///
 /// # Safety
-/// `u` holds at least `cout * (m + 2)² * cin` values; `out` must be writable at `cout * ho * wo` elements
-/// and not accessed by anyone else during the call; `residual`, if any, holds `cout * ho * wo`
-/// values.
+/// `u` holds at least `cout * (m + 2)² * cin` values; `out` must be writable at `cout * ho *
+/// wo` elements and not accessed by anyone else during the call; `residual`, if any, holds
+/// `cout * ho * wo` values.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn run(
     s: &Scheme,
