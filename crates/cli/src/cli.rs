@@ -557,16 +557,41 @@ pub fn run(cli: Cli) -> Result<()> {
         },
         device: Device::Cpu,
     };
-    let device = &inference.device;
-    match cli.command {
-        Command::Eval(a) => cmd_eval(a, progress, &inference),
-        Command::Predict(a) => cmd_predict(a, &inference),
-        Command::Train(a) => cmd_train(*a, progress, device),
-        Command::Info(a) => cmd_info(a, device),
-        Command::Bench(a) => cmd_bench(a, &inference),
-        Command::Convert(a) => cmd_convert(a),
-        Command::Synth(a) => cmd_synth(a),
+    let command = cli.command;
+    on_worker(cli.threads, move || {
+        let device = &inference.device;
+        match command {
+            Command::Eval(a) => cmd_eval(a, progress, &inference),
+            Command::Predict(a) => cmd_predict(a, &inference),
+            Command::Train(a) => cmd_train(*a, progress, device),
+            Command::Info(a) => cmd_info(a, device),
+            Command::Bench(a) => cmd_bench(a, &inference),
+            Command::Convert(a) => cmd_convert(a),
+            Command::Synth(a) => cmd_synth(a),
+        }
+    })
+}
+
+/// Stack of rayon's worker threads: the command runs on one (see [`on_worker`]), and candle's
+/// backward pass walks the graph recursively.
+const WORKER_STACK: usize = 64 << 20;
+
+/// Runs `f` on a worker thread of rayon's global pool (`threads` workers, or rayon's default).
+///
+/// The kernels split each op with rayon. Called from a thread outside the pool, every parallel
+/// op hands its work to the pool and puts the caller to sleep until it is done: two or three
+/// context switches per op, hundreds per forward pass. From a worker, the caller works on its
+/// own op and the other workers join in by stealing.
+fn on_worker<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
+    let mut b = rayon::ThreadPoolBuilder::new().stack_size(WORKER_STACK);
+    if let Some(n) = threads {
+        b = b.num_threads(n);
     }
+    // Fails only if the pool was already built (a library caller did); that pool is used then.
+    let _ = b.build_global();
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope runs its body before returning")
 }
 
 /// Element type of inference (`--dtype`).
