@@ -28,8 +28,9 @@ use crate::{Backbone, FeatureInfo, OutputStride};
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use deeplab_ops::{
-    conv2d, conv_bn_add, depthwise_conv2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d,
-    Conv2dGeometry, DepthwiseConv2d, Epilogue, FoldBatchNorm, MacCounter,
+    conv2d, conv_bn_add, depthwise_conv2d, separable_epilogue, Activation, BatchNorm2d,
+    BatchNormConfig, Conv2d, Conv2dGeometry, DepthwiseConv2d, DepthwisePart, Epilogue,
+    FoldBatchNorm, MacCounter,
 };
 use serde::{Deserialize, Serialize};
 
@@ -363,8 +364,36 @@ enum Block {
 }
 
 impl Block {
-    /// Output and the depthwise activation (the low-level tap when requested).
-    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+    /// Output, and the depthwise activation when `tap` asks for it (the low-level feature).
+    fn forward(&self, x: &Tensor, train: bool, tap: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let (conv_dw, conv_pw, dw_input) = match self {
+            Block::Ds(b) => (&b.conv_dw, &b.conv_pw, x.clone()),
+            Block::Ir(b) => (
+                &b.conv_dw,
+                &b.conv_pwl,
+                b.bn1.forward_t(&b.conv_pw.forward(x)?, train)?,
+            ),
+        };
+        let skip = match self {
+            Block::Ds(b) => b.skip,
+            Block::Ir(b) => b.skip,
+        };
+        if let (Some(de), Some(pe), false, false) =
+            (&conv_dw.epilogue, conv_pw.epilogue(), train, tap)
+        {
+            // Inference with the BatchNorms folded and no tap: the depthwise and pointwise
+            // convolutions as one op (the same bits as in turn).
+            let geom = conv_dw.geometry(hw(&dw_input)?);
+            let dw = DepthwisePart {
+                weight: &conv_dw.weight,
+                epilogue: de,
+                geom: &geom,
+                input_relu: false,
+            };
+            let residual = skip.then_some((x, Activation::None));
+            let y = separable_epilogue(&dw_input, dw, (conv_pw.weight(), pe), residual)?;
+            return Ok((y, None));
+        }
         match self {
             Block::Ds(b) => {
                 let d = b.bn1.forward_t(&b.conv_dw.forward(x)?, train)?;
@@ -373,17 +402,16 @@ impl Block {
                 } else {
                     b.bn2.forward_t(&b.conv_pw.forward(&d)?, train)?
                 };
-                Ok((y, d))
+                Ok((y, Some(d)))
             }
             Block::Ir(b) => {
-                let e = b.bn1.forward_t(&b.conv_pw.forward(x)?, train)?;
-                let d = b.bn2.forward_t(&b.conv_dw.forward(&e)?, train)?;
+                let d = b.bn2.forward_t(&b.conv_dw.forward(&dw_input)?, train)?;
                 let y = if b.skip {
                     conv_bn_add(&b.conv_pwl, &b.bn3, &d, x, Activation::None, train)?
                 } else {
                     b.bn3.forward_t(&b.conv_pwl.forward(&d)?, train)?
                 };
-                Ok((y, d))
+                Ok((y, Some(d)))
             }
         }
     }
@@ -655,9 +683,9 @@ impl Backbone for MobileNetV2 {
         let mut x = self.bn1.forward_t(&self.conv_stem.forward(x)?, train)?;
         let mut low = None;
         for (i, b) in self.blocks.iter().enumerate() {
-            let (y, d) = b.forward(&x, train)?;
+            let (y, d) = b.forward(&x, train, i == self.tap)?;
             if i == self.tap {
-                low = Some(d);
+                low = d;
             }
             x = y;
         }

@@ -213,13 +213,16 @@ impl Aspp {
         for (i, b) in self.atrous.iter().enumerate() {
             let y = match b {
                 AtrousBranch::Plain(c) => c.forward_t(x, train)?,
-                AtrousBranch::Separable(s) => {
-                    let (d, p) = s.forward_parts(x, train)?;
-                    if let Some(r) = rec.as_deref_mut() {
+                // Only a recording needs the depthwise activation: otherwise the layer may
+                // run its two convolutions as one op.
+                AtrousBranch::Separable(s) => match rec.as_deref_mut() {
+                    Some(r) => {
+                        let (d, p) = s.forward_parts(x, train)?;
                         r.insert(&format!("aspp{}_depthwise", i + 1), &d);
+                        p
                     }
-                    p
-                }
+                    None => s.forward_t(x, train)?,
+                },
             };
             if let Some(r) = rec.as_deref_mut() {
                 r.insert(&format!("aspp{}", i + 1), &y);

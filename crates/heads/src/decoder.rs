@@ -205,13 +205,16 @@ impl Decoder {
         for (k, conv) in self.convs.iter().enumerate() {
             x = match conv {
                 RefineConv::Plain(c) => c.forward_t(&x, train)?,
-                RefineConv::Separable(s) => {
-                    let (d, p) = s.forward_parts(&x, train)?;
-                    if let Some(r) = rec.as_deref_mut() {
+                // Only a recording needs the depthwise activation: otherwise the layer may
+                // run its two convolutions as one op.
+                RefineConv::Separable(s) => match rec.as_deref_mut() {
+                    Some(r) => {
+                        let (d, p) = s.forward_parts(&x, train)?;
                         r.insert(&format!("decoder_conv{k}_depthwise"), &d);
+                        p
                     }
-                    p
-                }
+                    None => s.forward_t(&x, train)?,
+                },
             };
             if let Some(r) = rec.as_deref_mut() {
                 r.insert(&format!("decoder_conv{k}"), &x);

@@ -991,7 +991,7 @@ impl Epilogue {
     }
 
     /// The host copies of scale and shift when `x` and `w` can take the fused f32 CPU kernels.
-    fn fused_f32(&self, x: &Tensor, w: &Tensor) -> Option<(&[f32], &[f32])> {
+    pub(crate) fn fused_f32(&self, x: &Tensor, w: &Tensor) -> Option<(&[f32], &[f32])> {
         let (s, t) = self.host.as_ref()?;
         let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
         f32_cpu.then_some((s.as_slice(), t.as_slice()))

@@ -46,6 +46,17 @@ enum ChannelEpi<'a> {
     Affine(&'a [f32], &'a [f32]),
 }
 
+impl Epi {
+    /// A folded BatchNorm's transform: `act(acc * scale + shift)` from zero.
+    pub(crate) fn affine(scale: f32, shift: f32) -> Self {
+        Self {
+            init: 0.0,
+            scale,
+            shift,
+        }
+    }
+}
+
 impl ChannelEpi<'_> {
     #[inline(always)]
     fn at(&self, ch: usize) -> Epi {
@@ -437,6 +448,9 @@ fn check_shapes(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, usize, u
 
 /// A scratch-free forward kernel on one plane: `(plane, next plane's input or empty, its
 /// weights, its epilogue, its output)`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::Flat;
+
 #[cfg(target_arch = "x86_64")]
 type PlaneKernel<'a> = dyn Fn(usize, &[f32], &[f32], Epi, &mut [MaybeUninit<f32>]) + Sync + 'a;
 
@@ -1766,6 +1780,199 @@ mod avx512 {
                     }
                     _mm512_mask_storeu_ps(o.add(x), m, apply(a));
                     x += 16;
+                }
+            }
+        }
+    }
+
+    /// A 3x3 stride-1 depthwise convolution whose output keeps the input's size, evaluated
+    /// on runs of 16 consecutive pixels of the flattened plane: the form in which a following
+    /// pointwise product consumes it (`crate::separable` writes the depthwise outputs straight
+    /// into the product's packed panels, so they never go to memory). Tap `t = 3 ky + kx` of
+    /// output pixel `f` reads input pixel `f + off[t]`; per 16-pixel vector a mask keeps the
+    /// lanes whose tap lies inside the plane (and whose pixel does). The taps are summed in the
+    /// same order, from the same initial value, through the same epilogue as [`Direct`], so the
+    /// outputs are the same bits.
+    pub(crate) struct Flat {
+        h: usize,
+        w: usize,
+        /// Tap `t`'s row and column offsets from its output pixel.
+        dy: [i32; 9],
+        dx: [i32; 9],
+        /// Tap `t`'s offset in the flattened plane.
+        off: [isize; 9],
+    }
+
+    impl Flat {
+        /// The plan for an `h x w` plane (`w >= 16`) with top / left padding `(pt, pl)` and
+        /// dilation `(dy, dx)`, whose output is `h x w` too.
+        pub(crate) fn new(
+            (h, w): (usize, usize),
+            (pt, pl): (usize, usize),
+            (dy, dx): (usize, usize),
+        ) -> Self {
+            assert!(w >= 16, "depthwise packer: rows of {w} < 16 pixels");
+            let shift = |k: usize, d: usize, p: usize| (k * d) as i32 - p as i32;
+            let dy: [i32; 9] = std::array::from_fn(|t| shift(t / 3, dy, pt));
+            let dx: [i32; 9] = std::array::from_fn(|t| shift(t % 3, dx, pl));
+            let off = std::array::from_fn(|t| dy[t] as isize * w as isize + dx[t] as isize);
+            Self { h, w, dy, dx, off }
+        }
+
+        /// The lanes of each tap inside the plane for the 16 pixels from `f`.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn masks(&self, f: usize) -> [__mmask16; 9] {
+            let hw = self.h * self.w;
+            if f >= hw {
+                return [0; 9];
+            }
+            let (y0, x0) = ((f / self.w) as i32, (f % self.w) as i32);
+            let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            let wv = _mm512_set1_epi32(self.w as i32);
+            let hv = _mm512_set1_epi32(self.h as i32);
+            // Lane columns and rows: one wrap at most, as rows hold at least 16 pixels.
+            let x = _mm512_add_epi32(_mm512_set1_epi32(x0), iota);
+            let wrap = _mm512_cmpge_epi32_mask(x, wv);
+            let x = _mm512_mask_sub_epi32(x, wrap, x, wv);
+            let y = _mm512_mask_add_epi32(
+                _mm512_set1_epi32(y0),
+                wrap,
+                _mm512_set1_epi32(y0),
+                _mm512_set1_epi32(1),
+            );
+            let live = lanes((hw - f).min(16));
+            std::array::from_fn(|t| {
+                // `0 <= v < n` as one unsigned compare.
+                let cols =
+                    _mm512_cmplt_epu32_mask(_mm512_add_epi32(x, _mm512_set1_epi32(self.dx[t])), wv);
+                let rows =
+                    _mm512_cmplt_epu32_mask(_mm512_add_epi32(y, _mm512_set1_epi32(self.dy[t])), hv);
+                live & cols & rows
+            })
+        }
+
+        /// Channels `c0..c0 + kc` (their input planes at `x`, `hw` values each, weights `k`,
+        /// 9 per channel, epilogues `epi`), pixels `j0..j0 + cols`, as the packed panels of a
+        /// product's `B` (see `crate::sgemm::PackB`): channel `c0 + p`, pixels `j0 + q * 48..`
+        /// at `buf[(q * kc + p) * 48..][..48]`, zero past `cols`.
+        ///
+        /// # Safety
+        /// `x` holds the planes of channels `c0..c0 + kc` (`hw` values each); `j0` is a
+        /// multiple of 16 and `j0 + cols <= hw`; `buf` holds `kc * cols.div_ceil(48) * 48`
+        /// values; the CPU supports AVX-512F.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        pub(crate) unsafe fn pack(
+            &self,
+            x: &[f32],
+            k: &[f32],
+            epi: &dyn Fn(usize) -> Epi,
+            (c0, kc): (usize, usize),
+            (j0, cols): (usize, usize),
+            (relu, act): (bool, Activation),
+            buf: &mut [f32],
+        ) {
+            const PANEL: usize = 48;
+            let np = cols.div_ceil(PANEL);
+            assert!(
+                j0 % 16 == 0
+                    && j0 + cols <= self.h * self.w
+                    && x.len() >= (c0 + kc) * self.h * self.w
+                    && k.len() >= (c0 + kc) * 9
+                    && buf.len() >= kc * np * PANEL,
+                "depthwise packer: pixels {j0}+{cols} of {} channels from {c0} do not fit",
+                kc
+            );
+            // SAFETY: the masked loads read only pixels inside channel planes below `c0 + kc`
+            // (the masks keep the taps inside the plane), the stores stay in the `kc * np`
+            // panel rows of `buf` (all checked above).
+            unsafe { with_flags!(relu, act, self.panels(x, k, epi, (c0, kc), (j0, cols), buf)) }
+        }
+
+        /// [`Flat::pack`] with the activation and input ReLU as constants.
+        ///
+        /// # Safety
+        /// As [`Flat::pack`], after its checks.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn panels<const A: u8, const IR: bool>(
+            &self,
+            x: &[f32],
+            k: &[f32],
+            epi: &dyn Fn(usize) -> Epi,
+            (c0, kc): (usize, usize),
+            (j0, cols): (usize, usize),
+            buf: &mut [f32],
+        ) {
+            const PANEL: usize = 48;
+            const V: usize = PANEL / 16;
+            let hw = self.h * self.w;
+            let np = cols.div_ceil(PANEL);
+            let end = j0 + cols;
+            let zero = _mm512_setzero_ps();
+            // The tap masks of the block's vectors, shared by its channels (vectors past its
+            // pixels load nothing and are stored as zeros).
+            let masks: Vec<[__mmask16; 9]> = (0..np * V)
+                .map(|u| {
+                    let f = j0 + 16 * u;
+                    if f < end {
+                        self.masks(f)
+                    } else {
+                        [0; 9]
+                    }
+                })
+                .collect();
+            // The span of a plane the block's taps read, for prefetching the next channel's.
+            let lo = (j0 as isize + self.off[0]).max(0) as usize;
+            let hi = ((end as isize + self.off[8]).max(0) as usize).min(hw);
+            // Cache lines of that span prefetched per panel: the span spread evenly over the
+            // channel's panels (a burst of ~120 prefetches per channel stalled the loads).
+            let per_panel = (hi.saturating_sub(lo)).div_ceil(16).div_ceil(np);
+            for p in 0..kc {
+                let ch = c0 + p;
+                // The next channel's span heads for L1 while this one is computed: each channel
+                // reads its own plane, a separate stream of a few KB.
+                let next = (p + 1 < kc).then(|| x.as_ptr().wrapping_add((ch + 1) * hw + lo));
+                let mut line = 0;
+                let kv: [__m512; 9] = std::array::from_fn(|t| _mm512_set1_ps(k[ch * 9 + t]));
+                let e = epi(ch);
+                let (sv, tv) = (_mm512_set1_ps(e.scale), _mm512_set1_ps(e.shift));
+                let plane = x.as_ptr().wrapping_add(ch * hw);
+                for q in 0..np {
+                    let dst = buf.as_mut_ptr().wrapping_add((q * kc + p) * PANEL);
+                    let f0 = j0 + q * PANEL;
+                    if let Some(next) = next {
+                        for _ in 0..per_panel {
+                            if lo + 16 * line < hi {
+                                let at = next.wrapping_add(16 * line) as *const i8;
+                                _mm_prefetch::<_MM_HINT_T0>(at);
+                            }
+                            line += 1;
+                        }
+                    }
+                    // The panel's three vectors together: three independent FMA chains.
+                    let mut acc = [_mm512_set1_ps(e.init); V];
+                    for t in 0..9 {
+                        for (v, acc) in acc.iter_mut().enumerate() {
+                            let f = f0 + 16 * v;
+                            let m = masks[q * V + v][t];
+                            let src = plane.wrapping_offset(f as isize + self.off[t]);
+                            // SAFETY: the mask's lanes are taps inside the plane.
+                            let mut val = unsafe { _mm512_maskz_loadu_ps(m, src) };
+                            if IR {
+                                val = _mm512_max_ps(val, zero);
+                            }
+                            *acc = _mm512_fmadd_ps(val, kv[t], *acc);
+                        }
+                    }
+                    for (v, &acc) in acc.iter().enumerate() {
+                        let f = f0 + 16 * v;
+                        let y = activate::<A>(_mm512_fmadd_ps(acc, sv, tv));
+                        let y = _mm512_maskz_mov_ps(lanes(end.saturating_sub(f).min(16)), y);
+                        // SAFETY: panel `q`, row `p` of `buf` (length checked by `pack`).
+                        unsafe { _mm512_storeu_ps(dst.add(16 * v), y) };
+                    }
                 }
             }
         }

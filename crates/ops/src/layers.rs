@@ -387,6 +387,9 @@ impl SeparableConv2d {
     /// (and no activation after the pointwise one) the add runs in the pointwise
     /// convolution's epilogue, with the same bits as the separate add.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(y) = self.fused(x, Some(residual), train)? {
+            return Ok(y);
+        }
         let d = self.depthwise_part(x, train)?;
         conv_bn_add(
             &self.conv_pw,
@@ -396,6 +399,24 @@ impl SeparableConv2d {
             Activation::None,
             train,
         )
+    }
+
+    /// Inference with both BatchNorms folded: the two convolutions as one op
+    /// ([`crate::separable_epilogue`], the same bits as running them in turn), plus `residual`
+    /// when given; `None` otherwise.
+    fn fused(&self, x: &Tensor, residual: Option<&Tensor>, train: bool) -> Result<Option<Tensor>> {
+        let (Some(de), Some(pe), false) = (self.conv_dw.epilogue(), self.conv_pw.epilogue(), train)
+        else {
+            return Ok(None);
+        };
+        let dw = crate::DepthwisePart {
+            weight: &self.conv_dw.weight,
+            epilogue: de,
+            geom: &self.conv_dw.geom,
+            input_relu: self.conv_dw.input_relu,
+        };
+        let residual = residual.map(|r| (r, Activation::None));
+        crate::separable_epilogue(x, dw, (self.conv_pw.weight(), pe), residual).map(Some)
     }
 
     /// The depthwise convolution and its BatchNorm (and activation).
@@ -430,6 +451,9 @@ impl FoldBatchNorm for SeparableConv2d {
 
 impl ModuleT for SeparableConv2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(y) = self.fused(x, None, train)? {
+            return Ok(y);
+        }
         Ok(self.forward_parts(x, train)?.1)
     }
 }

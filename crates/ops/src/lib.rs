@@ -44,6 +44,7 @@ mod pool;
 pub mod profile;
 pub mod reference;
 mod resize;
+mod separable;
 pub mod sgemm;
 mod winograd;
 
@@ -63,3 +64,4 @@ pub use loss::cross_entropy;
 pub use macs::MacCounter;
 pub use pool::max_pool2d;
 pub use resize::{resize_bilinear, ResizeMode};
+pub use separable::{separable_epilogue, DepthwisePart};

@@ -346,7 +346,26 @@ pub(crate) unsafe fn sgemm_raw_ex(
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx512() {
         // SAFETY: the CPU has AVX-512F; the caller's contract covers the rest.
-        unsafe { blocked((m, n, k), a, b, (c, ldc), accumulate, epi, threads) };
+        let pb = Ptr(b);
+        // SAFETY: rows `p0..p0 + kc`, columns `j0..j0 + cols` of `B` are in bounds (the caller's
+        // contract, as `blocked` asks only for those); AVX-512F checked above.
+        let pack = move |p0, j0, kc, cols, buf: &mut [f32]| unsafe {
+            avx512::pack_b(pb.get(), p0, j0, kc, cols, buf)
+        };
+        // SAFETY: the CPU has AVX-512F; the caller's contract covers the rest.
+        unsafe {
+            blocked(
+                (m, n, k),
+                a,
+                &pack,
+                PACK_COST,
+                (KC_MAX, NC_PANELS),
+                (c, ldc),
+                accumulate,
+                epi,
+                threads,
+            )
+        };
         return;
     }
     // (row stride, column stride) of an operand for the gemm crate.
@@ -519,7 +538,7 @@ pub(crate) unsafe fn sgemm_pixels(
             c.len()
         )
     }
-    let g = Grid::new(m, n, threads);
+    let g = Grid::new(m, n, threads, PACK_COST);
     let kc_max = depth_block(cin);
     let pc = Ptr(c.as_mut_ptr());
     g.run(threads, |j| {
@@ -599,18 +618,24 @@ struct Grid {
 /// once per row job pays.
 const PACK_COST: f64 = 0.5;
 
+/// A source of packed `B` blocks for [`sgemm_packed`]: `pack(p0, j0, kc, cols, buf)` writes
+/// rows `p0..p0 + kc`, columns `j0..j0 + cols` of `B` as `cols.div_ceil(NR)` panels of `kc`
+/// rows of [`NR`] values each (panel `q`, row `p` at `buf[(q * kc + p) * NR..][..NR]`), the
+/// last panel's columns past `cols` zero. `j0` is a multiple of `NR`.
+pub(crate) type PackB<'a> = dyn Fn(usize, usize, usize, usize, &mut [f32]) + Sync + 'a;
+
 impl Grid {
     /// The split for `threads` workers: one job when single-threaded, else the candidate
     /// (1, `t` or `2t` row ranges by 1, `t`, `2t` or `4t` column ranges, at least `2t` jobs
     /// where the tiles allow, so a worker slowed by a neighbour on the machine can leave jobs to
     /// the others: a 2-job split measured slower than the old grid in a noisy period) whose
     /// busiest worker has the least work, counting each tile by the 16-column vectors it
-    /// computes and each packed panel by [`PACK_COST`], with the jobs dealt to the workers in
+    /// computes and each packed panel by `pack_cost` ([`PACK_COST`] for a copy), with the jobs dealt to the workers in
     /// contiguous runs (as rayon's splitting of the job range does when no one steals);
     /// ties go to fewer jobs. An uneven split costs a whole panel row per worker: 23 panels
     /// (1089 columns) in 4 column jobs leave one worker 12 panels and the other 11, 89
     /// panels (4225 columns) in jobs of at most 10 panels give one worker 50 and the other 39.
-    fn new(m: usize, n: usize, threads: usize) -> Self {
+    fn new(m: usize, n: usize, threads: usize, pack_cost: f64) -> Self {
         let (row_panels, panels) = (m.div_ceil(MR), n.div_ceil(NR));
         let one = Self {
             row_panels,
@@ -633,7 +658,7 @@ impl Grid {
                     col_jobs: c,
                     ..one
                 };
-                let cost = g.makespan(n, t);
+                let cost = g.makespan(n, t, pack_cost);
                 if cost < best.0 - 1e-9 || (cost <= best.0 + 1e-9 && r * c < best.1) {
                     best = (cost, r * c, g);
                 }
@@ -680,7 +705,7 @@ impl Grid {
 
     /// The work of the busiest of `t` workers (see [`Grid::new`]) for `n` columns, in
     /// full-tile units.
-    fn makespan(&self, n: usize, t: usize) -> f64 {
+    fn makespan(&self, n: usize, t: usize, pack_cost: f64) -> f64 {
         // Vectors of 16 columns of panel `q` over the vectors of a full panel. (An
         // approximation: the microkernel runs all three vectors' FMAs at the edge too, so an
         // edge panel costs a whole one; counting it whole moves the choice on some shapes,
@@ -694,7 +719,7 @@ impl Grid {
             let (r0, r1) = self.row_range(j / self.col_jobs);
             let (c0, c1) = self.col_range(j % self.col_jobs);
             let w: f64 = (c0..c1).map(width).sum();
-            (r1 - r0) as f64 * w + PACK_COST * (c1 - c0) as f64
+            (r1 - r0) as f64 * w + pack_cost * (c1 - c0) as f64
         };
         (0..t)
             .map(|w| {
@@ -710,41 +735,82 @@ fn depth_block(k: usize) -> usize {
     k.div_ceil(k.div_ceil(KC_MAX))
 }
 
+/// `C = A · B` (or `C += A · B`) with `B` given by a packer (see [`PackB`]) instead of a
+/// stored matrix, then the epilogue: the blocked product of [`sgemm_raw_ex`] with `pack`
+/// producing each `kc x nc` block where that one copies it from `B`. `pack_cost` is what
+/// packing one panel costs against one `MR x NR` tile of the product (for splitting the work;
+/// a copy is [`PACK_COST`]). A block is produced once per row job, so `pack` must give the
+/// same values every time it is asked for the same block. Needs AVX-512
+/// ([`crate::cpu::has_avx512`]).
+///
+/// # Safety
+/// As [`sgemm_raw_ex`] for `A`, `C` and `epi`, with `m, n, k > 0`; `pack` must write the
+/// packed block it is asked for into its buffer; the CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_packed(
+    (m, n, k): (usize, usize, usize),
+    a: RawOperand,
+    pack: &PackB<'_>,
+    pack_cost: f64,
+    blocking: (usize, usize),
+    (c, ldc): (*mut f32, usize),
+    epi: Option<RowEpilogue<'_>>,
+    threads: usize,
+) {
+    // SAFETY: forwarded (this function's contract).
+    unsafe {
+        blocked(
+            (m, n, k),
+            a,
+            pack,
+            pack_cost,
+            blocking,
+            (c, ldc),
+            false,
+            epi,
+            threads,
+        )
+    }
+}
+
 /// The AVX-512 blocked product (see the module docs).
 ///
 /// # Safety
-/// As [`sgemm_raw_ex`] with `m, n, k > 0`, on a CPU with AVX-512F.
+/// As [`sgemm_raw_ex`] with `m, n, k > 0`, `pack` writing the packed blocks of `B` it is
+/// asked for, on a CPU with AVX-512F.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn blocked(
     (m, n, k): (usize, usize, usize),
     a: RawOperand,
-    b: RawOperand,
+    pack: &PackB<'_>,
+    pack_cost: f64,
+    (kc_limit, nc_panels): (usize, usize),
     (c, ldc): (*mut f32, usize),
     accumulate: bool,
     epi: Option<RowEpilogue<'_>>,
     threads: usize,
 ) {
-    let g = Grid::new(m, n, threads);
-    let kc_max = depth_block(k);
+    let g = Grid::new(m, n, threads, pack_cost);
+    let kc_max = k.div_ceil(k.div_ceil(kc_limit));
     let pc = Ptr(c);
-    let (pa, pb) = (Ptr(a), Ptr(b));
+    let pa = Ptr(a);
     g.run(threads, |j| {
         let ((i0, i1), (c0, c1)) = g.job(j, m);
         // Chunks of at most `NC_PANELS` panels, as even as whole panels allow.
-        let chunks = (c1 - c0).div_ceil(NC_PANELS);
+        let chunks = (c1 - c0).div_ceil(nc_panels);
         let most = (c1 - c0).div_ceil(chunks);
         let mut buf = crate::cpu::take_buf(&PACK, kc_max * most * NR);
         // Whole-struct uses (not `pa.0`), so the closure captures the `Send` wrappers.
-        let (a, b, c) = (pa.get(), pb.get(), pc);
+        let (a, c) = (pa.get(), pc);
         for ch in 0..chunks {
             let (q0, q1) = Grid::part(c1 - c0, chunks, ch);
             let (j0, j1) = ((c0 + q0) * NR, ((c0 + q1) * NR).min(n));
             let np = q1 - q0;
             for p0 in (0..k).step_by(kc_max) {
                 let kc = kc_max.min(k - p0);
-                // SAFETY: rows `p0..p0 + kc`, columns `j0..j1` of `B` are in bounds (checked by
-                // the entry points); AVX-512F (this function's contract).
-                unsafe { avx512::pack_b(b, p0, j0, kc, j1 - j0, &mut buf) };
+                pack(p0, j0, kc, j1 - j0, &mut buf);
                 let first = p0 == 0 && !accumulate;
                 let last = p0 + kc == k;
                 for i in (i0..i1).step_by(MR) {
@@ -1007,6 +1073,18 @@ mod avx512 {
         }
     }
 
+    /// Expands the body once per listed literal row index of an `MR`-row tile, so each use
+    /// of an accumulator row has a constant index.
+    macro_rules! unroll_rows {
+        ($($i:literal),*; |$v:ident| $body:expr) => {
+            const _: () = assert!(MR == [$($i),*].len());
+            $({
+                let $v: usize = $i;
+                $body;
+            })*
+        };
+    }
+
     /// Defines a microkernel for one storage order of `A`: `$depth` is the step between a
     /// row's consecutive depths (kept as separate functions with literal steps: LLVM keeps
     /// the 24 accumulators in registers only for these simple forms).
@@ -1063,21 +1141,27 @@ mod avx512 {
                         }
                     }
                 }
-                let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-                // Rows past the edge repeat the last row: computed, never stored.
-                let ap: [*const f32; MR] = $rows(a, lda, rows);
-                if !first {
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        if i < rows {
-                            for (v, acc) in acc.iter_mut().enumerate() {
-                                // SAFETY: masked to the tile's columns of row `i`.
-                                *acc = unsafe {
-                                    _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v))
-                                };
+                // Rows past the edge repeat the last row: computed, never stored. (Built whole,
+                // with no per-row condition: filling the partial sums in place row by row
+                // under `i < rows` made LLVM zero the accumulators on the stack with a
+                // `memset` call on every tile, ~2% of MobileNetV2's pass.)
+                let mut acc: [[__m512; NV]; MR] = if first {
+                    [[_mm512_setzero_ps(); NV]; MR]
+                } else {
+                    std::array::from_fn(|i| {
+                        std::array::from_fn(|v| {
+                            // SAFETY: masked to the tile's columns of row `i` (or, past the
+                            // edge, of the last row).
+                            unsafe {
+                                _mm512_maskz_loadu_ps(
+                                    masks[v],
+                                    c.add(i.min(rows - 1) * ldc + 16 * v),
+                                )
                             }
-                        }
-                    }
-                }
+                        })
+                    })
+                };
+                let ap: [*const f32; MR] = $rows(a, lda, rows);
                 for p in 0..kc {
                     // SAFETY: row `p` of the packed panel and column `p` of the tile's rows of
                     // `A`.
@@ -1094,24 +1178,25 @@ mod avx512 {
                         }
                     }
                 }
-                for (i, acc) in acc.iter().enumerate() {
-                    if i < rows {
-                        for (v, &x) in acc.iter().enumerate() {
-                            let y = match epi {
-                                Some(e) => {
-                                    // SAFETY: masked to the tile's columns of row `i`.
-                                    let r = e.residual.map(|r| unsafe {
-                                        _mm512_maskz_loadu_ps(masks[v], r.add(i * ldc + 16 * v))
-                                    });
-                                    finish(x, e.scale[i], e.shift[i], r, e.act)
-                                }
-                                None => x,
-                            };
-                            // SAFETY: masked to the tile's columns of row `i`.
-                            unsafe { _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], y) };
-                        }
+                // Row by row with constant indices, so the accumulators stay in registers (a
+                // loop over the rows, or a closure taking a row by reference, made LLVM copy
+                // them to the stack to index them).
+                unroll_rows!(0, 1, 2, 3, 4, 5, 6, 7; |i| if i < rows {
+                    for (v, &x) in acc[i].iter().enumerate() {
+                        let y = match epi {
+                            Some(e) => {
+                                // SAFETY: masked to the tile's columns of row `i`.
+                                let r = e.residual.map(|r| unsafe {
+                                    _mm512_maskz_loadu_ps(masks[v], r.add(i * ldc + 16 * v))
+                                });
+                                finish(x, e.scale[i], e.shift[i], r, e.act)
+                            }
+                            None => x,
+                        };
+                        // SAFETY: masked to the tile's columns of row `i`.
+                        unsafe { _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], y) };
                     }
-                }
+                });
             }
         };
     }
@@ -1173,7 +1258,7 @@ mod tests {
             (64, 4225, 3),
             (256, 289, 2),
         ] {
-            let g = Grid::new(m, n, t);
+            let g = Grid::new(m, n, t, PACK_COST);
             // Every tile (row panel, column panel) belongs to exactly one job.
             let mut seen = vec![0u8; g.row_panels * g.panels];
             for j in 0..g.row_jobs * g.col_jobs {
@@ -1295,17 +1380,17 @@ mod tests {
             (256, 16641, 2, 1.02),
             (2048, 1089, 4, 1.03),
         ] {
-            let g = Grid::new(m, n, t);
-            let one = Grid::new(m, n, 1);
-            let even = one.makespan(n, 1) / t as f64;
-            let got = g.makespan(n, t);
+            let g = Grid::new(m, n, t, PACK_COST);
+            let one = Grid::new(m, n, 1, PACK_COST);
+            let even = one.makespan(n, 1, PACK_COST) / t as f64;
+            let got = g.makespan(n, t, PACK_COST);
             assert!(
                 got <= within * even,
                 "{m}x{n} on {t}: busiest {got:.1} vs even {even:.1} ({g:?})"
             );
         }
         // A single row panel can only be split by columns; a single column panel by rows.
-        assert_eq!(Grid::new(8, 4225, 2).row_jobs, 1);
-        assert_eq!(Grid::new(2048, 40, 2).col_jobs, 1);
+        assert_eq!(Grid::new(8, 4225, 2, PACK_COST).row_jobs, 1);
+        assert_eq!(Grid::new(2048, 40, 2, PACK_COST).col_jobs, 1);
     }
 }
