@@ -446,11 +446,11 @@ fn check_shapes(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, usize, u
     Ok((n, c, h, wd, kh, kw))
 }
 
-/// A scratch-free forward kernel on one plane: `(plane, next plane's input or empty, its
-/// weights, its epilogue, its output)`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx512::Flat;
 
+/// A scratch-free forward kernel on one plane: `(plane, next plane's input or empty, its
+/// weights, its epilogue, its output)`.
 #[cfg(target_arch = "x86_64")]
 type PlaneKernel<'a> = dyn Fn(usize, &[f32], &[f32], Epi, &mut [MaybeUninit<f32>]) + Sync + 'a;
 
@@ -1796,8 +1796,9 @@ mod avx512 {
     pub(crate) struct Flat {
         h: usize,
         w: usize,
-        /// Tap `t`'s row and column offsets from its output pixel.
+        /// Tap `t`'s row offset from its output pixel.
         dy: [i32; 9],
+        /// Tap `t`'s column offset from its output pixel.
         dx: [i32; 9],
         /// Tap `t`'s offset in the flattened plane.
         off: [isize; 9],

@@ -333,7 +333,10 @@ pub struct SeparableConv2dConfig {
     pub bn: BatchNormConfig,
 }
 
-/// Depthwise conv -> BN -> (act) -> pointwise 1x1 conv -> BN -> (act), timm's names.
+/// Depthwise conv -> BN -> (act) -> pointwise 1x1 conv -> BN -> (act), timm's names. With
+/// both BatchNorms folded, inference runs the two convolutions as one op
+/// ([`crate::separable_epilogue`]: the depthwise activation is never stored) unless the
+/// depthwise output is asked for ([`SeparableConv2d::forward_parts`]).
 #[derive(Clone, Debug)]
 pub struct SeparableConv2d {
     conv_dw: DepthwiseConv2d,

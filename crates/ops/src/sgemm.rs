@@ -23,6 +23,10 @@
 //! [`crate::channel_affine`] gives on the plain product. Without AVX-512 (or with
 //! `DEEPLAB_NO_AVX512` set) it calls the `gemm` crate and applies the epilogue after.
 //!
+//! `sgemm_packed` is the same blocked product with `B` produced block by block by the caller
+//! instead of copied from a matrix (the fused separable convolution computes its depthwise
+//! outputs there, `crate::separable`).
+//!
 //! `sgemm_pixels` is the same microkernel with the roles of a convolution's operands turned
 //! around: `A` the output pixels of a rectangle, read in place from a channels-last image one
 //! tap at a time (`PixelRows`), `B` the weights packed once per call (`pack_conv_weights`),
@@ -345,7 +349,6 @@ pub(crate) unsafe fn sgemm_raw_ex(
     }
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx512() {
-        // SAFETY: the CPU has AVX-512F; the caller's contract covers the rest.
         let pb = Ptr(b);
         // SAFETY: rows `p0..p0 + kc`, columns `j0..j0 + cols` of `B` are in bounds (the caller's
         // contract, as `blocked` asks only for those); AVX-512F checked above.
@@ -630,8 +633,9 @@ impl Grid {
     /// where the tiles allow, so a worker slowed by a neighbour on the machine can leave jobs to
     /// the others: a 2-job split measured slower than the old grid in a noisy period) whose
     /// busiest worker has the least work, counting each tile by the 16-column vectors it
-    /// computes and each packed panel by `pack_cost` ([`PACK_COST`] for a copy), with the jobs dealt to the workers in
-    /// contiguous runs (as rayon's splitting of the job range does when no one steals);
+    /// computes and each packed panel by `pack_cost` ([`PACK_COST`] for a copy), with the
+    /// jobs dealt to the workers in contiguous runs (as rayon's splitting of the job range
+    /// does when no one steals);
     /// ties go to fewer jobs. An uneven split costs a whole panel row per worker: 23 panels
     /// (1089 columns) in 4 column jobs leave one worker 12 panels and the other 11, 89
     /// panels (4225 columns) in jobs of at most 10 panels give one worker 50 and the other 39.
@@ -739,9 +743,10 @@ fn depth_block(k: usize) -> usize {
 /// stored matrix, then the epilogue: the blocked product of [`sgemm_raw_ex`] with `pack`
 /// producing each `kc x nc` block where that one copies it from `B`. `pack_cost` is what
 /// packing one panel costs against one `MR x NR` tile of the product (for splitting the work;
-/// a copy is [`PACK_COST`]). A block is produced once per row job, so `pack` must give the
-/// same values every time it is asked for the same block. Needs AVX-512
-/// ([`crate::cpu::has_avx512`]).
+/// a copy is [`PACK_COST`]). `blocking` is the largest depth block and the most column panels
+/// per packed block (the plain product's are [`KC_MAX`] and [`NC_PANELS`]). A block is
+/// produced once per row job, so `pack` must give the same values every time it is asked for
+/// the same block. Needs AVX-512 ([`crate::cpu::has_avx512`]).
 ///
 /// # Safety
 /// As [`sgemm_raw_ex`] for `A`, `C` and `epi`, with `m, n, k > 0`; `pack` must write the
