@@ -15,7 +15,7 @@ use crate::Intermediates;
 use candle_core::{bail, ModuleT, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use deeplab_ops::{
-    Activation, BatchNormConfig, Conv2dGeometry, ConvBnAct, FoldBatchNorm, MacCounter,
+    Activation, BatchNormConfig, ConcatInput, Conv2dGeometry, ConvBnAct, FoldBatchNorm, MacCounter,
     SeparableActivation, SeparableConv2d, SeparableConv2dConfig,
 };
 
@@ -189,22 +189,23 @@ impl Aspp {
         mut rec: Option<&mut Intermediates>,
     ) -> Result<Tensor> {
         let (n, _, h, w) = x.dims4()?;
-        let mut branches = Vec::with_capacity(2 + self.atrous.len());
+        let mut pooled = None;
         if let Some(pool) = &self.pooling {
             if train && n == 1 {
                 bail!("aspp: the image-pooling BatchNorm sees one value per channel at batch size 1; train with batch >= 2 or with frozen BatchNorm")
             }
             let avg = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
             let y = pool.forward_t(&avg, train)?;
-            // Bilinear resize of a 1x1 map (any coordinate convention) is a broadcast.
-            let up = y.broadcast_as((n, self.channels, h, w))?.contiguous()?;
             if let Some(r) = rec.as_deref_mut() {
+                // Bilinear resize of a 1x1 map (any coordinate convention) is a broadcast.
+                let up = y.broadcast_as((n, self.channels, h, w))?.contiguous()?;
                 r.insert("aspp_image_pooling_avgpool", &avg);
                 r.insert("aspp_image_pooling_conv", &y);
                 r.insert("aspp_image_pooling_resized", &up);
             }
-            branches.push(up);
+            pooled = Some(y);
         }
+        let mut branches = Vec::with_capacity(1 + self.atrous.len());
         let b0 = self.conv1x1.forward_t(x, train)?;
         if let Some(r) = rec.as_deref_mut() {
             r.insert("aspp0", &b0);
@@ -229,10 +230,21 @@ impl Aspp {
             }
             branches.push(y);
         }
-        let cat = Tensor::cat(&branches, 1)?;
-        let y = self.project.forward_t(&cat, train)?;
+        // The projection of the concatenated branches, the pooled one constant over space
+        // (folded, in inference, it runs without building the concatenation).
+        let parts: Vec<ConcatInput> = pooled
+            .iter()
+            .map(ConcatInput::Constant)
+            .chain(branches.iter().map(ConcatInput::Map))
+            .collect();
+        let y = self.project.forward_concat(&parts, train)?;
         if let Some(r) = rec {
-            r.insert("aspp_concat", &cat);
+            let mut all = Vec::with_capacity(parts.len());
+            if let Some(p) = &pooled {
+                all.push(p.broadcast_as((n, self.channels, h, w))?.contiguous()?);
+            }
+            all.extend(branches.iter().cloned());
+            r.insert("aspp_concat", &Tensor::cat(&all, 1)?);
             r.insert("aspp_output", &y);
         }
         if train && self.dropout > 0.0 {

@@ -6,6 +6,7 @@
 use crate::batch_norm::{Activation, BatchNorm2d, BatchNormConfig, Epilogue};
 use crate::geometry::Conv2dGeometry;
 use crate::macs::MacCounter;
+use crate::pointwise::ConcatInput;
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -492,6 +493,56 @@ impl ConvBnAct {
     /// Counts this layer's multiply-adds for an `input` map; returns the output size.
     pub fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
         self.conv.count(input, c)
+    }
+}
+
+impl ConvBnAct {
+    /// `self(concat(parts))` over the channel concatenation of `parts` (the maps' pixels,
+    /// constants broadcast to them): with the BatchNorm folded, in inference, on f32 CPU
+    /// tensors, a 1x1 convolution runs without building the concatenation (one product per
+    /// map accumulating into the output, constants at the front as per-channel starting sums;
+    /// the same bits); otherwise the concatenation, then [`ModuleT::forward_t`].
+    pub fn forward_concat(&self, parts: &[ConcatInput<'_>], train: bool) -> Result<Tensor> {
+        if let (Some(e), false, true) = (
+            self.conv.epilogue(),
+            train,
+            self.conv.geom.is_pointwise((1, 1)) && self.conv.groups == 1,
+        ) {
+            let dims = self.conv.weight.dims();
+            if dims.len() == 4 && dims[2..] == [1, 1] {
+                let y = crate::profile::record(
+                    "conv 1x1 + epilogue over a concatenation",
+                    || {
+                        let shapes: Vec<String> = parts
+                            .iter()
+                            .map(|p| crate::profile::dims(p.tensor()))
+                            .collect();
+                        format!("{} -> {}", shapes.join(" + "), dims[0])
+                    },
+                    || crate::pointwise::concat_epilogue(parts, &self.conv.weight, e),
+                )?;
+                if let Some(y) = y {
+                    return Ok(y);
+                }
+            }
+        }
+        let Some((n, h, w)) = parts.iter().find_map(|p| match p {
+            ConcatInput::Map(t) => t.dims4().ok().map(|(n, _, h, w)| (n, h, w)),
+            ConcatInput::Constant(_) => None,
+        }) else {
+            bail!("conv over a concatenation: no map among the parts")
+        };
+        let maps = parts
+            .iter()
+            .map(|p| match p {
+                ConcatInput::Map(t) => Ok((*t).clone()),
+                ConcatInput::Constant(t) => {
+                    let c = t.dim(1)?;
+                    t.broadcast_as((n, c, h, w))?.contiguous()
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.forward_t(&Tensor::cat(&maps, 1)?, train)
     }
 }
 

@@ -62,6 +62,7 @@ pub use layers::{
 };
 pub use loss::cross_entropy;
 pub use macs::MacCounter;
+pub use pointwise::ConcatInput;
 pub use pool::max_pool2d;
 pub use resize::{resize_bilinear, ResizeMode};
 pub use separable::{separable_epilogue, DepthwisePart};

@@ -40,3 +40,132 @@ pub(crate) fn pointwise_epilogue(
     };
     x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
+
+/// One input of a 1x1 convolution over concatenated channels
+/// ([`crate::ConvBnAct::forward_concat`]).
+#[derive(Clone, Copy, Debug)]
+pub enum ConcatInput<'a> {
+    /// An NCHW map.
+    Map(&'a Tensor),
+    /// A map constant over space, `[N, C, 1, 1]`: every pixel holds the same `C` values (DeepLab's
+    /// image-pooling branch, whose bilinear resize from 1x1 is a broadcast).
+    Constant(&'a Tensor),
+}
+
+impl ConcatInput<'_> {
+    /// The tensor.
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            ConcatInput::Map(t) | ConcatInput::Constant(t) => t,
+        }
+    }
+}
+
+/// `act(conv1x1(concat(parts), w) * scale + shift)` without building the concatenation: on
+/// f32 CPU tensors with AVX-512, per image one product per map accumulating into the output
+/// (the weight's columns of that map's channels), the epilogue at the last; constant parts
+/// at the front contribute one value per output channel, computed once and written as the
+/// products' starting sums. Every element is the same chain of fused multiply-adds over the
+/// channels in order as in the product over the concatenation (the product continues a chain
+/// exactly across depth blocks), so the result is the same bits. `None` when this does not
+/// apply (other devices or types, no AVX-512, a constant after a map, no map), for the caller
+/// to concatenate.
+pub(crate) fn concat_epilogue(
+    parts: &[ConcatInput<'_>],
+    w: &Tensor,
+    epilogue: &crate::Epilogue,
+) -> Result<Option<Tensor>> {
+    use candle_core::{bail, DType, Storage};
+    let Some(first_map) = parts.iter().position(|p| matches!(p, ConcatInput::Map(_))) else {
+        return Ok(None);
+    };
+    let Some((scale, shift)) = epilogue.fused_f32(parts[first_map].tensor(), w) else {
+        return Ok(None);
+    };
+    let later_constant = parts[first_map..]
+        .iter()
+        .any(|p| matches!(p, ConcatInput::Constant(_)));
+    let cpu_f32 = parts
+        .iter()
+        .all(|p| p.tensor().device().is_cpu() && p.tensor().dtype() == DType::F32);
+    if later_constant || !cpu_f32 || !crate::cpu::has_avx512() {
+        return Ok(None);
+    }
+    let (cout, k, kh, kw) = w.dims4()?;
+    let (n, _, h, wd) = parts[first_map].tensor().dims4()?;
+    let hw = h * wd;
+    let mut channels = Vec::with_capacity(parts.len());
+    for p in parts {
+        let t = p.tensor();
+        let (pn, c, ph, pw) = t.dims4()?;
+        let want = match p {
+            ConcatInput::Map(_) => (n, h, wd),
+            ConcatInput::Constant(_) => (n, 1, 1),
+        };
+        if (pn, ph, pw) != want {
+            bail!(
+                "conv1x1 over a concatenation: part {:?} does not fit {:?}",
+                t.dims(),
+                parts[first_map].tensor().dims()
+            )
+        }
+        channels.push(c);
+    }
+    if (kh, kw) != (1, 1) || channels.iter().sum::<usize>() != k {
+        bail!(
+            "conv1x1 over a concatenation: weight {:?} does not fit parts of {channels:?} channels",
+            w.dims()
+        )
+    }
+    let parts: Vec<Tensor> = parts
+        .iter()
+        .map(|p| p.tensor().contiguous())
+        .collect::<Result<_>>()?;
+    let w = w.contiguous()?;
+    let guards: Vec<_> = parts.iter().map(|t| t.storage_and_layout()).collect();
+    fn slice<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+        match s {
+            Storage::Cpu(cs) => crate::cpu::f32_slice("conv1x1 over a concatenation", cs, l),
+            _ => bail!("conv1x1 over a concatenation: tensors must be on the CPU"),
+        }
+    }
+    let wg = w.storage_and_layout();
+    let wv = slice(&wg.0, wg.1)?;
+    let mut out = vec![0f32; n * cout * hw];
+    for b in 0..n {
+        let ob = &mut out[b * cout * hw..(b + 1) * cout * hw];
+        let mut k0 = 0;
+        let mut started = false;
+        for (i, (g, &c)) in guards.iter().zip(&channels).enumerate() {
+            let data = slice(&g.0, g.1)?;
+            if i < first_map {
+                // A constant part: the chain of its channels, then every pixel of row `o`.
+                let p = &data[b * c..(b + 1) * c];
+                for (o, row) in ob.chunks_exact_mut(hw).enumerate() {
+                    let init = if started { row[0] } else { 0.0 };
+                    let wr = &wv[o * k + k0..o * k + k0 + c];
+                    let v = wr
+                        .iter()
+                        .zip(p)
+                        .fold(init, |acc, (a, x)| a.mul_add(*x, acc));
+                    row.fill(v);
+                }
+            } else {
+                let last = i + 1 == parts.len();
+                crate::sgemm::sgemm_ex(
+                    (cout, hw, c),
+                    crate::sgemm::Operand::rows(&wv[k0..], k),
+                    crate::sgemm::Operand::rows(&data[b * c * hw..(b + 1) * c * hw], hw),
+                    (ob, hw),
+                    started,
+                    last.then(|| crate::sgemm::RowEpilogue::affine(scale, shift, epilogue.act)),
+                    crate::cpu::threads(),
+                )?;
+            }
+            started = true;
+            k0 += c;
+        }
+    }
+    drop(guards);
+    Tensor::from_vec(out, (n, cout, h, wd), parts[first_map].device()).map(Some)
+}

@@ -1014,6 +1014,77 @@ fn folded_layers_are_bit_identical() -> Result<()> {
             "separable {act:?} {geom:?}: depthwise part"
         );
         assert_eq!(bits(&p0)?, bits(&p1)?, "separable {act:?} {geom:?}");
+        // The whole layer: stride 1 runs the fused separable op.
+        let fused = layer.forward_t(&x, false)?;
+        assert_eq!(
+            bits(&p0)?,
+            bits(&fused)?,
+            "separable {act:?} {geom:?}: fused"
+        );
+        let res = seeded_uniform(p0.dims(), 90 + i as u64, &Device::Cpu)?;
+        let want = (&p0 + &res)?;
+        let got = layer.forward_add(&x, &res, false)?;
+        assert_eq!(
+            bits(&want)?,
+            bits(&got)?,
+            "separable {act:?} {geom:?} + residual"
+        );
+    }
+    Ok(())
+}
+
+/// A folded 1x1 convolution over a concatenation run without building it
+/// (`ConvBnAct::forward_concat`) gives the bits of the unfolded convolution over the
+/// concatenated tensor: a constant part in front (broadcast over the pixels, as DeepLab's
+/// image pooling), maps after it, depth over one depth block of the plain product (613
+/// channels, split at different points), batch 2; only maps; a constant after a map (the
+/// concatenating fallback).
+#[test]
+fn concat_projection_is_bit_identical() -> Result<()> {
+    let dev = Device::Cpu;
+    let (n, h, w) = (2, 17, 23);
+    let constant = seeded_uniform(&[n, 5, 1, 1], 1, &dev)?;
+    let a = seeded_uniform(&[n, 8, h, w], 2, &dev)?;
+    let b = seeded_uniform(&[n, 600, h, w], 3, &dev)?;
+    let cases: [Vec<ConcatInput>; 3] = [
+        vec![
+            ConcatInput::Constant(&constant),
+            ConcatInput::Map(&a),
+            ConcatInput::Map(&b),
+        ],
+        vec![ConcatInput::Map(&b), ConcatInput::Map(&a)],
+        vec![ConcatInput::Map(&a), ConcatInput::Constant(&constant)],
+    ];
+    for (i, parts) in cases.iter().enumerate() {
+        let full: Vec<Tensor> = parts
+            .iter()
+            .map(|p| match p {
+                ConcatInput::Map(t) => Ok((*t).clone()),
+                ConcatInput::Constant(t) => t.broadcast_as((n, 5, h, w))?.contiguous(),
+            })
+            .collect::<Result<_>>()?;
+        let cat = Tensor::cat(&full, 1)?;
+        let cin = cat.dim(1)?;
+        let mut shapes = vec![("conv.weight".to_string(), vec![12, cin, 1, 1])];
+        shapes.extend(bn_shapes("bn", 12));
+        let shapes: Vec<(&str, Vec<usize>)> = shapes
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.clone()))
+            .collect();
+        let vb = random_builder(&shapes, 200 + i as u64)?;
+        let cfg = BatchNormConfig::tf_head();
+        let one = Conv2dGeometry::default();
+        let mut layer = ConvBnAct::new(cin, 12, 1, one, cfg, Activation::Relu, vb)?;
+        let want = layer.forward_t(&cat, false)?;
+        assert_eq!(
+            bits(&want)?,
+            bits(&layer.forward_concat(parts, false)?)?,
+            "case {i} unfolded"
+        );
+        layer.fold_batch_norm()?;
+        let got = layer.forward_concat(parts, false)?;
+        assert_eq!(got.dims(), [n, 12, h, w]);
+        assert_eq!(bits(&want)?, bits(&got)?, "case {i}");
     }
     Ok(())
 }
