@@ -20,9 +20,13 @@ use crate::Conv2dGeometry;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// What one panel of depthwise outputs costs against one `MR x NR` tile of the product, for
-/// splitting the work (9 masked loads and FMAs per output vector against 24 FMAs per depth
-/// step of a tile, about 3 vectors per panel row).
-const DEPTHWISE_PACK_COST: f64 = 1.5;
+/// splitting the work: 27 masked unaligned loads and 27 FMAs per depth step of a panel against
+/// a tile's 24 FMAs, measured at about 6 (Xception-65 on the row-split grid the old estimate
+/// of 1.5 picked for 728 x 1089, which computes every panel twice: 11.6% of the pass's cycles
+/// in the depthwise packing against 78% in the microkernel over 91 row panels). The grids
+/// this moves (Xception-65's 33x33 layers from 2 x 2 jobs to 1 x 4) measured within noise
+/// end to end.
+const DEPTHWISE_PACK_COST: f64 = 6.0;
 
 /// Depth block and column panels per chunk of the fused product for `m` output channels.
 /// Below 256, shallower and wider blocks than the plain product's (128 x 30 panels against
