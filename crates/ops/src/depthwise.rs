@@ -447,7 +447,7 @@ fn check_shapes(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, usize, u
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::Flat;
+pub(crate) use avx512::{Flat, Flat2};
 
 /// A scratch-free forward kernel on one plane: `(plane, next plane's input or empty, its
 /// weights, its epilogue, its output)`.
@@ -1977,6 +1977,249 @@ mod avx512 {
                 }
             }
         }
+    }
+
+    /// [`Flat`] for a 3x3 stride-2 depthwise convolution (dilation 1): runs of 16 consecutive
+    /// output pixels of the flattened output plane, each input row band loaded as three vectors
+    /// and split into the three taps' even / odd / next-even lanes as [`Direct2`] does. A run
+    /// that wraps to the next output row is computed once per row and the lanes blended. The
+    /// taps are summed in [`Direct2`]'s order from the same initial value through the same
+    /// epilogue, input rows outside the plane skipped and columns outside it loaded as zeros, so
+    /// the outputs are the same bits.
+    pub(crate) struct Flat2 {
+        h: usize,
+        w: usize,
+        ho: usize,
+        wo: usize,
+        pt: usize,
+        pl: usize,
+    }
+
+    impl Flat2 {
+        /// The plan for an `h x w` plane giving `ho x wo` (`wo >= 16`) with top / left padding
+        /// `(pt, pl)`.
+        pub(crate) fn new(
+            (h, w): (usize, usize),
+            (ho, wo): (usize, usize),
+            (pt, pl): (usize, usize),
+        ) -> Self {
+            assert!(
+                wo >= 16,
+                "depthwise packer: output rows of {wo} < 16 pixels"
+            );
+            Self {
+                h,
+                w,
+                ho,
+                wo,
+                pt,
+                pl,
+            }
+        }
+
+        /// As [`Flat::pack`], for output pixels `j0..j0 + cols` of the `ho x wo` output plane
+        /// (the input planes are `h x w`).
+        ///
+        /// # Safety
+        /// As [`Flat::pack`] with `j0 + cols <= ho * wo` and `h * w` values per input plane.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        pub(crate) unsafe fn pack(
+            &self,
+            x: &[f32],
+            k: &[f32],
+            epi: &dyn Fn(usize) -> Epi,
+            (c0, kc): (usize, usize),
+            (j0, cols): (usize, usize),
+            (relu, act): (bool, Activation),
+            buf: &mut [f32],
+        ) {
+            const PANEL: usize = 48;
+            let np = cols.div_ceil(PANEL);
+            assert!(
+                j0 + cols <= self.ho * self.wo
+                    && x.len() >= (c0 + kc) * self.h * self.w
+                    && k.len() >= (c0 + kc) * 9
+                    && buf.len() >= kc * np * PANEL,
+                "depthwise packer: pixels {j0}+{cols} of {} channels from {c0} do not fit",
+                kc
+            );
+            // SAFETY: the loads are masked to columns inside rows inside the channel planes
+            // below `c0 + kc`, the stores stay in the `kc * np` panel rows of `buf` (checked).
+            unsafe { with_flags!(relu, act, self.panels(x, k, epi, (c0, kc), (j0, cols), buf)) }
+        }
+
+        /// [`Flat2::pack`] with the activation and input ReLU as constants.
+        ///
+        /// # Safety
+        /// As [`Flat2::pack`], after its checks.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn panels<const A: u8, const IR: bool>(
+            &self,
+            x: &[f32],
+            k: &[f32],
+            epi: &dyn Fn(usize) -> Epi,
+            (c0, kc): (usize, usize),
+            (j0, cols): (usize, usize),
+            buf: &mut [f32],
+        ) {
+            const PANEL: usize = 48;
+            let (hw, np, end) = (self.h * self.w, cols.div_ceil(PANEL), j0 + cols);
+            let zero = _mm512_setzero_ps();
+            // The block's runs of 16 output pixels, shared by its channels: the output row and
+            // lane 0's column of each part (one, or two when the run wraps to the next row),
+            // the load masks of each part, and the lanes to keep.
+            let runs: Vec<Option<Flat2Run>> = (0..np * PANEL / 16)
+                .map(|u| {
+                    let f = j0 + 16 * u;
+                    (f < end).then(|| {
+                        let (y0, x0) = (f / self.wo, f % self.wo);
+                        let first = self.wo - x0;
+                        let wrap = (first < 16 && y0 + 1 < self.ho)
+                            .then(|| (first, self.load_masks(-(first as isize))));
+                        Flat2Run {
+                            y0,
+                            x0: x0 as isize,
+                            masks: self.load_masks(x0 as isize),
+                            wrap,
+                            keep: lanes((end - f).min(16)),
+                        }
+                    })
+                })
+                .collect();
+            // The input rows the block reads, for prefetching the next channel's, spread over
+            // the channel's runs.
+            let lo = ((2 * (j0 / self.wo)).saturating_sub(self.pt) * self.w).min(hw);
+            let hi = ((2 * ((end - 1) / self.wo) + 3).saturating_sub(self.pt) * self.w).min(hw);
+            let per_run = (hi - lo).div_ceil(16).div_ceil(runs.len().max(1));
+            for p in 0..kc {
+                let ch = c0 + p;
+                let next = (p + 1 < kc).then(|| x.as_ptr().wrapping_add((ch + 1) * hw + lo));
+                let mut line = 0;
+                let kv: [__m512; 9] = std::array::from_fn(|t| _mm512_set1_ps(k[ch * 9 + t]));
+                let e = epi(ch);
+                let (sv, tv) = (_mm512_set1_ps(e.scale), _mm512_set1_ps(e.shift));
+                let plane = x.as_ptr().wrapping_add(ch * hw);
+                for (u, run) in runs.iter().enumerate() {
+                    if let Some(next) = next {
+                        for _ in 0..per_run {
+                            if lo + 16 * line < hi {
+                                let at = next.wrapping_add(16 * line) as *const i8;
+                                _mm_prefetch::<_MM_HINT_T0>(at);
+                            }
+                            line += 1;
+                        }
+                    }
+                    let dst = buf
+                        .as_mut_ptr()
+                        .wrapping_add(((u / 3) * kc + p) * PANEL + 16 * (u % 3));
+                    let y = match run {
+                        Some(r) => {
+                            // SAFETY: the masks keep every load inside its row of the plane.
+                            let mut acc = unsafe {
+                                self.row::<IR>(plane, &kv, e.init, r.y0, (r.x0, &r.masks))
+                            };
+                            if let Some((first, masks)) = &r.wrap {
+                                // Lanes from `first` on are the next row's pixels 0, 1, ...
+                                // SAFETY: as above.
+                                let next = unsafe {
+                                    self.row::<IR>(
+                                        plane,
+                                        &kv,
+                                        e.init,
+                                        r.y0 + 1,
+                                        (-(*first as isize), masks),
+                                    )
+                                };
+                                acc = _mm512_mask_blend_ps(!lanes(*first), acc, next);
+                            }
+                            let y = activate::<A>(_mm512_fmadd_ps(acc, sv, tv));
+                            _mm512_maskz_mov_ps(r.keep, y)
+                        }
+                        None => zero,
+                    };
+                    // SAFETY: panel `u / 3`, row `p`, vector `u % 3` of `buf` (length checked
+                    // by `pack`).
+                    unsafe { _mm512_storeu_ps(dst, y) };
+                }
+            }
+        }
+
+        /// The lanes inside the input row of the three vectors loaded for output columns
+        /// `xs + l`: input columns `2 xs - pl + 16 t + l` for vector `t`.
+        fn load_masks(&self, xs: isize) -> [__mmask16; 3] {
+            let base = 2 * xs - self.pl as isize;
+            std::array::from_fn(|t| {
+                lane_mask(|l| (0..self.w as isize).contains(&(base + 16 * t as isize + l as isize)))
+            })
+        }
+
+        /// The taps of output row `oy` at columns `xs + l` for the 16 lanes `l`, from the
+        /// accumulator `init` (lanes whose column is outside `0..wo` get what zero padding and
+        /// the row's edge give; the caller keeps only its own lanes); `masks` from
+        /// [`Flat2::load_masks`] for `xs`.
+        ///
+        /// # Safety
+        /// `plane` is an `h x w` plane; AVX-512F.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn row<const IR: bool>(
+            &self,
+            plane: *const f32,
+            kv: &[__m512; 9],
+            init: f32,
+            oy: usize,
+            (xs, masks): (isize, &[__mmask16; 3]),
+        ) -> __m512 {
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            let zero = _mm512_setzero_ps();
+            let base = 2 * xs - self.pl as isize;
+            let mut acc = _mm512_set1_ps(init);
+            for ky in 0..3 {
+                // Input rows outside the plane are zero padding and contribute nothing.
+                let Some(iy) = (2 * oy + ky).checked_sub(self.pt).filter(|&iy| iy < self.h) else {
+                    continue;
+                };
+                let row = plane.wrapping_add(iy * self.w);
+                let v: [__m512; 3] = std::array::from_fn(|t| {
+                    let p = row.wrapping_offset(base + 16 * t as isize);
+                    // SAFETY: the mask keeps the lanes inside the row (`iy < h`).
+                    let x = unsafe { _mm512_maskz_loadu_ps(masks[t], p) };
+                    if IR {
+                        _mm512_max_ps(x, zero)
+                    } else {
+                        x
+                    }
+                });
+                // Taps kx = 0, 1, 2 of lane l read input columns 2 (xs + l) - pl + kx.
+                let e0 = _mm512_permutex2var_ps(v[0], even, v[1]);
+                let o0 = _mm512_permutex2var_ps(v[0], odd, v[1]);
+                let e1 = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                    _mm512_castps_si512(v[2]),
+                    _mm512_castps_si512(e0),
+                ));
+                for (kx, t) in [e0, o0, e1].into_iter().enumerate() {
+                    acc = _mm512_fmadd_ps(t, kv[ky * 3 + kx], acc);
+                }
+            }
+            acc
+        }
+    }
+
+    /// One run of 16 output pixels of a [`Flat2`] block.
+    struct Flat2Run {
+        /// Output row of lane 0.
+        y0: usize,
+        /// Output column of lane 0.
+        x0: isize,
+        /// Load masks for `x0`.
+        masks: [__mmask16; 3],
+        /// When the run wraps: the lanes left in row `y0` and the load masks of the next row.
+        wrap: Option<(usize, [__mmask16; 3])>,
+        /// The lanes that are the block's pixels.
+        keep: __mmask16,
     }
 }
 

@@ -490,13 +490,6 @@ impl ConvBnAct {
         Self { conv, bn }
     }
 
-    /// Counts this layer's multiply-adds for an `input` map; returns the output size.
-    pub fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
-        self.conv.count(input, c)
-    }
-}
-
-impl ConvBnAct {
     /// `self(concat(parts))` over the channel concatenation of `parts` (the maps' pixels,
     /// constants broadcast to them): with the BatchNorm folded, in inference, on f32 CPU
     /// tensors, a 1x1 convolution runs without building the concatenation (one product per
@@ -508,22 +501,8 @@ impl ConvBnAct {
             train,
             self.conv.geom.is_pointwise((1, 1)) && self.conv.groups == 1,
         ) {
-            let dims = self.conv.weight.dims();
-            if dims.len() == 4 && dims[2..] == [1, 1] {
-                let y = crate::profile::record(
-                    "conv 1x1 + epilogue over a concatenation",
-                    || {
-                        let shapes: Vec<String> = parts
-                            .iter()
-                            .map(|p| crate::profile::dims(p.tensor()))
-                            .collect();
-                        format!("{} -> {}", shapes.join(" + "), dims[0])
-                    },
-                    || crate::pointwise::concat_epilogue(parts, &self.conv.weight, e),
-                )?;
-                if let Some(y) = y {
-                    return Ok(y);
-                }
+            if let Some(y) = crate::pointwise::concat_epilogue(parts, &self.conv.weight, e)? {
+                return Ok(y);
             }
         }
         let Some((n, h, w)) = parts.iter().find_map(|p| match p {
@@ -543,6 +522,11 @@ impl ConvBnAct {
             })
             .collect::<Result<Vec<_>>>()?;
         self.forward_t(&Tensor::cat(&maps, 1)?, train)
+    }
+
+    /// Counts this layer's multiply-adds for an `input` map; returns the output size.
+    pub fn count(&self, input: (usize, usize), c: &mut MacCounter) -> Result<(usize, usize)> {
+        self.conv.count(input, c)
     }
 }
 

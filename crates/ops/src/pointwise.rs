@@ -47,8 +47,8 @@ pub(crate) fn pointwise_epilogue(
 pub enum ConcatInput<'a> {
     /// An NCHW map.
     Map(&'a Tensor),
-    /// A map constant over space, `[N, C, 1, 1]`: every pixel holds the same `C` values (DeepLab's
-    /// image-pooling branch, whose bilinear resize from 1x1 is a broadcast).
+    /// A map constant over space, `[N, C, 1, 1]`: every pixel holds the same `C` values
+    /// (DeepLab's image-pooling branch, whose bilinear resize from 1x1 is a broadcast).
     Constant(&'a Tensor),
 }
 
@@ -75,7 +75,7 @@ pub(crate) fn concat_epilogue(
     w: &Tensor,
     epilogue: &crate::Epilogue,
 ) -> Result<Option<Tensor>> {
-    use candle_core::{bail, DType, Storage};
+    use candle_core::DType;
     let Some(first_map) = parts.iter().position(|p| matches!(p, ConcatInput::Map(_))) else {
         return Ok(None);
     };
@@ -91,7 +91,33 @@ pub(crate) fn concat_epilogue(
     if later_constant || !cpu_f32 || !crate::cpu::has_avx512() {
         return Ok(None);
     }
-    let (cout, k, kh, kw) = w.dims4()?;
+    let (cout, _, kh, kw) = w.dims4()?;
+    if (kh, kw) != (1, 1) {
+        return Ok(None);
+    }
+    crate::profile::record(
+        "conv 1x1 + epilogue over a concatenation",
+        || {
+            let shapes: Vec<String> = parts
+                .iter()
+                .map(|p| crate::profile::dims(p.tensor()))
+                .collect();
+            format!("{} -> {cout}", shapes.join(" + "))
+        },
+        || concat_products(parts, first_map, w, (scale, shift, epilogue.act)).map(Some),
+    )
+}
+
+/// [`concat_epilogue`] once it applies: `parts[first_map]` is the first map, every part before
+/// it a constant.
+fn concat_products(
+    parts: &[ConcatInput<'_>],
+    first_map: usize,
+    w: &Tensor,
+    (scale, shift, act): (&[f32], &[f32], crate::Activation),
+) -> Result<Tensor> {
+    use candle_core::{bail, Storage};
+    let (cout, k, _, _) = w.dims4()?;
     let (n, _, h, wd) = parts[first_map].tensor().dims4()?;
     let hw = h * wd;
     let mut channels = Vec::with_capacity(parts.len());
@@ -111,7 +137,7 @@ pub(crate) fn concat_epilogue(
         }
         channels.push(c);
     }
-    if (kh, kw) != (1, 1) || channels.iter().sum::<usize>() != k {
+    if channels.iter().sum::<usize>() != k {
         bail!(
             "conv1x1 over a concatenation: weight {:?} does not fit parts of {channels:?} channels",
             w.dims()
@@ -158,7 +184,7 @@ pub(crate) fn concat_epilogue(
                     crate::sgemm::Operand::rows(&data[b * c * hw..(b + 1) * c * hw], hw),
                     (ob, hw),
                     started,
-                    last.then(|| crate::sgemm::RowEpilogue::affine(scale, shift, epilogue.act)),
+                    last.then(|| crate::sgemm::RowEpilogue::affine(scale, shift, act)),
                     crate::cpu::threads(),
                 )?;
             }
@@ -167,5 +193,5 @@ pub(crate) fn concat_epilogue(
         }
     }
     drop(guards);
-    Tensor::from_vec(out, (n, cout, h, wd), parts[first_map].device()).map(Some)
+    Tensor::from_vec(out, (n, cout, h, wd), parts[first_map].device())
 }

@@ -11,8 +11,9 @@
 //! result is the same bits as the two folded layers run one after the other.
 //!
 //! Taken on f32 CPU tensors with AVX-512 when the depthwise convolution is 3x3, stride 1 and
-//! keeps the plane's size (DeepLab's "same" padding at any dilation); otherwise (and on other
-//! devices) the two layers run separately.
+//! keeps the plane's size (DeepLab's "same" padding at any dilation), or 3x3 at stride 2 and
+//! dilation 1 (`depthwise::Flat2`, any padding), with rows of at least 16 output pixels;
+//! otherwise (and on other devices) the two layers run separately.
 
 use crate::batch_norm::{Activation, Epilogue};
 use crate::cpu::f32_slice;
@@ -63,8 +64,9 @@ pub struct DepthwisePart<'a> {
 /// `pointwise(depthwise(x))` with both folded epilogues, plus a residual and an activation
 /// after it when `residual` is given (`act(pw(dw(x)) * s + t + residual)`; the pointwise
 /// epilogue must then have no activation of its own, as in [`Epilogue::conv2d_add`]).
-/// Inference only. On f32 CPU tensors with AVX-512 and a 3x3 stride-1 size-keeping depthwise
-/// convolution, one fused pass (see the module docs); otherwise the two folded layers in turn.
+/// Inference only. On f32 CPU tensors with AVX-512 and a 3x3 depthwise convolution at stride 1
+/// keeping the size, or at stride 2 and rate 1 (see the module docs), one fused pass; otherwise
+/// the two folded layers in turn.
 /// Both give the same bits.
 pub fn separable_epilogue(
     x: &Tensor,
@@ -91,7 +93,8 @@ pub fn separable_epilogue(
         },
         || {
             format!(
-                "d{} {} -> {cout}",
+                "s{} d{} {} -> {cout}",
+                dw.geom.stride.0,
                 dw.geom.dilation.0,
                 crate::profile::dims(x)
             )
@@ -140,13 +143,18 @@ impl SeparableFwd {
             let (_, c, h, w) = x.dims4()?;
             let dims = dw.weight.dims();
             let pw_dims = pw_weight.dims();
-            let same = dw.geom.output_size((h, w), (3, 3)).ok() == Some((h, w));
+            let out = dw.geom.output_size((h, w), (3, 3)).ok();
+            // Stride 1 keeping the size (any rate), or stride 2 at rate 1; runs of 16 pixels
+            // wrap at most once.
+            let kernel = match (dw.geom.stride, dw.geom.dilation, out) {
+                ((1, 1), _, Some(o)) => o == (h, w) && w >= 16,
+                ((2, 2), (1, 1), Some((_, wo))) => wo >= 16,
+                _ => false,
+            };
             let fits = dims == [c, 1, 3, 3]
                 && pw_dims.len() == 4
                 && pw_dims[1..] == [c, 1, 1]
-                && dw.geom.stride == (1, 1)
-                && same
-                && w >= 16
+                && kernel
                 && crate::cpu::has_avx512();
             let residual_ok = residual.is_none_or(|(r, _)| {
                 pw_epilogue.act == Activation::None
@@ -198,7 +206,8 @@ impl CustomOp3 for SeparableFwd {
                 xl.shape().dims()
             )
         }
-        let shape = Shape::from((n, cout, h, w));
+        let (ho, wo) = self.geom.output_size((h, w), (3, 3))?;
+        let shape = Shape::from((n, cout, ho, wo));
         let residual = self.residual.as_ref().map(|r| r.storage_and_layout());
         let res = match &residual {
             Some((st, l)) => {
@@ -234,49 +243,62 @@ impl SeparableFwd {
         cout: usize,
         residual: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
-        use crate::depthwise::{Epi, Flat};
+        use crate::depthwise::{Epi, Flat, Flat2};
         use crate::sgemm::{sgemm_packed, RawOperand, RowEpilogue};
-        let hw = h * w;
-        let total = n * cout * hw;
+        let g = &self.geom;
+        let (ho, wo) = g.output_size((h, w), (3, 3))?;
+        let (hw, l) = (h * w, ho * wo);
+        let total = n * cout * l;
         let mut out: Vec<f32> = Vec::with_capacity(total);
         if total == 0 {
             return Ok(out);
         }
-        let g = &self.geom;
-        let flat = Flat::new(
-            (h, w),
-            (g.padding.top, g.padding.left),
-            (g.dilation.0, g.dilation.1),
-        );
+        /// The depthwise packer of the stride.
+        enum Packer {
+            Stride1(Flat),
+            Stride2(Flat2),
+        }
+        let pad = (g.padding.top, g.padding.left);
+        let packer = if g.stride == (1, 1) {
+            Packer::Stride1(Flat::new((h, w), pad, g.dilation))
+        } else {
+            Packer::Stride2(Flat2::new((h, w), (ho, wo), pad))
+        };
         let (ds, dt, dact) = (&self.dw_epi.0, &self.dw_epi.1, self.dw_epi.2);
         let epi = |ch: usize| Epi::affine(ds[ch], dt[ch]);
         let relu = self.input_relu;
         for b in 0..n {
             let xb = &x[b * c * hw..(b + 1) * c * hw];
             let pack = |p0: usize, j0: usize, kc: usize, cols: usize, buf: &mut [f32]| {
-                // SAFETY: the product asks for channels `p0..p0 + kc < c` (its depth) and
-                // pixels `j0..j0 + cols <= hw` (its columns, `j0` a multiple of 48) into a
-                // buffer of `kc` rows of its panels; AVX-512 checked by `plan`.
-                unsafe { flat.pack(xb, kd, &epi, (p0, kc), (j0, cols), (relu, dact), buf) }
+                let (c, j) = ((p0, kc), (j0, cols));
+                // SAFETY: the product asks for channels `p0..p0 + kc <= c` (its depth) and
+                // output pixels `j0..j0 + cols <= ho * wo` (its columns, `j0` a multiple of
+                // 48) into a buffer of `kc` rows of its panels; AVX-512 checked by `plan`.
+                unsafe {
+                    match &packer {
+                        Packer::Stride1(f) => f.pack(xb, kd, &epi, c, j, (relu, dact), buf),
+                        Packer::Stride2(f) => f.pack(xb, kd, &epi, c, j, (relu, dact), buf),
+                    }
+                }
             };
             let epilogue = RowEpilogue {
                 scale: &self.pw_epi.0,
                 shift: &self.pw_epi.1,
                 act: self.pw_epi.2,
-                residual: residual.map(|r| &r[b * cout * hw..(b + 1) * cout * hw]),
+                residual: residual.map(|r| &r[b * cout * l..(b + 1) * cout * l]),
             };
             // SAFETY: `A` is the `cout x c` row-major pointwise weight (`kp.len() == cout * c`
-            // checked by candle's shape), `C` image `b`'s `cout x hw` rows inside `out`'s
+            // checked by candle's shape), `C` image `b`'s `cout x l` rows inside `out`'s
             // capacity, the epilogue has `cout` scales and shifts and a residual of
-            // `cout * hw` values; AVX-512 checked by `plan`.
+            // `cout * l` values; AVX-512 checked by `plan`.
             unsafe {
                 sgemm_packed(
-                    (cout, hw, c),
+                    (cout, l, c),
                     RawOperand::rows(kp.as_ptr(), c),
                     &pack,
                     DEPTHWISE_PACK_COST,
                     blocking(cout),
-                    (out.as_mut_ptr().add(b * cout * hw), hw),
+                    (out.as_mut_ptr().add(b * cout * l), l),
                     Some(epilogue),
                     crate::cpu::threads(),
                 )
@@ -340,8 +362,9 @@ mod tests {
 
     /// The fused op gives the bits of the two layers: several depth blocks (600 and 530
     /// channels, shallow and deep blocking), several column jobs and a partial last panel,
-    /// dilations 1 / 2 / 4 / 6 with taps in the padding, input ReLU, every activation, with
-    /// and without a residual, batch 2, 1 and 2 threads.
+    /// dilations 1 / 2 / 4 / 6 with taps in the padding, stride 2 with symmetric and
+    /// TensorFlow-SAME padding, input ReLU, every activation, with and without a residual,
+    /// batch 2, 1 and 2 threads.
     #[test]
     fn fused_matches_the_two_layers() -> Result<()> {
         if !crate::cpu::has_avx512() {
@@ -349,25 +372,42 @@ mod tests {
             return Ok(());
         }
         let dev = Device::Cpu;
-        // (n, c, h, w, cout, dilation, input relu, dw act, pw act, residual act)
+        // TensorFlow SAME at stride 2 on an odd size: no padding at the top and left.
+        let tf_same = Conv2dGeometry {
+            stride: (2, 2),
+            dilation: (1, 1),
+            padding: crate::Padding2d {
+                top: 0,
+                bottom: 1,
+                left: 0,
+                right: 1,
+            },
+        };
+        let s2 = Conv2dGeometry::deeplab(3, 2, 1);
+        let same = Conv2dGeometry::same;
+        // (n, c, h, w, cout, geometry, input relu, dw act, pw act, residual act)
         use Activation::{None as Id, Relu, Relu6};
         #[rustfmt::skip]
         let cases = [
-            (2, 37, 13, 21, 20, 2, true, Id, Relu, None),
-            (1, 600, 9, 70, 9, 4, false, Relu6, Id, Some(Relu)),
-            (1, 64, 33, 33, 48, 1, false, Relu, Relu6, None),
-            (2, 24, 5, 17, 16, 6, true, Relu6, Id, Some(Id)),
-            (1, 530, 4, 16, 260, 2, false, Relu, Id, Some(Relu)),
+            (2, 37, 13, 21, 20, same(3, 2), true, Id, Relu, None),
+            (1, 600, 9, 70, 9, same(3, 4), false, Relu6, Id, Some(Relu)),
+            (1, 64, 33, 33, 48, same(3, 1), false, Relu, Relu6, None),
+            (2, 24, 5, 17, 16, same(3, 6), true, Relu6, Id, Some(Id)),
+            (1, 530, 4, 16, 260, same(3, 2), false, Relu, Id, Some(Relu)),
+            // stride 2: output rows of 17, 16 and 18 pixels (runs of 16 wrap or end a row)
+            (2, 40, 9, 33, 24, s2, true, Relu6, Id, Some(Id)),
+            (1, 70, 7, 33, 12, tf_same, false, Relu, Relu, None),
+            (1, 520, 6, 35, 10, s2, false, Id, Relu6, None),
         ];
-        for (i, &(n, c, h, w, cout, d, relu, dact, pact, res)) in cases.iter().enumerate() {
+        for (i, &(n, c, h, w, cout, geom, relu, dact, pact, res)) in cases.iter().enumerate() {
+            let (ho, wo) = geom.output_size((h, w), (3, 3))?;
             let s = 10 * i as u64;
             let x = seeded_uniform(&[n, c, h, w], s, &dev)?;
             let kd = seeded_uniform(&[c, 1, 3, 3], s + 1, &dev)?;
             let kp = (seeded_uniform(&[cout, c, 1, 1], s + 2, &dev)? * 0.2)?;
             let de = epilogue(c, dact, s + 3)?;
             let pe = epilogue(cout, pact, s + 5)?;
-            let r = seeded_uniform(&[n, cout, h, w], s + 7, &dev)?;
-            let geom = Conv2dGeometry::same(3, d);
+            let r = seeded_uniform(&[n, cout, ho, wo], s + 7, &dev)?;
             let dw = DepthwisePart {
                 weight: &kd,
                 epilogue: &de,
@@ -375,7 +415,10 @@ mod tests {
                 input_relu: relu,
             };
             let residual = res.map(|a| (&r, a));
-            assert!(SeparableFwd::plan(&x, &dw, (&kp, &pe), residual)?.is_some());
+            assert!(
+                SeparableFwd::plan(&x, &dw, (&kp, &pe), residual)?.is_some(),
+                "case {i}"
+            );
             let want = unfused(&x, dw, (&kp, &pe), residual)?.flatten_all()?;
             for threads in [1, 2] {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -383,7 +426,7 @@ mod tests {
                     .build()
                     .map_err(candle_core::Error::wrap)?;
                 let got = pool.install(|| separable_epilogue(&x, dw, (&kp, &pe), residual))?;
-                assert_eq!(got.dims(), [n, cout, h, w]);
+                assert_eq!(got.dims(), [n, cout, ho, wo]);
                 let (g, e) = (got.flatten_all()?.to_vec1::<f32>()?, want.to_vec1::<f32>()?);
                 let diff = g.iter().zip(&e).filter(|(a, b)| a.to_bits() != b.to_bits());
                 assert_eq!(diff.count(), 0, "case {i}, {threads} threads");
@@ -392,8 +435,9 @@ mod tests {
         Ok(())
     }
 
-    /// Shapes the fused kernel does not take (stride 2, a 5x5 kernel, an activation before the
-    /// residual, rows narrower than a vector) run the two layers.
+    /// Shapes the fused kernel does not take (stride 2 with output rows of 6 pixels, a 5x5
+    /// kernel, an activation before the residual, input rows narrower than a vector) run the
+    /// two layers.
     #[test]
     fn other_shapes_run_the_two_layers() -> Result<()> {
         let dev = Device::Cpu;
