@@ -1785,6 +1785,73 @@ mod avx512 {
         }
     }
 
+    /// The contract of the depthwise packers' `pack` ([`Flat::pack`], [`Flat2::pack`]), checked:
+    /// `kc` channel planes of `plane_in` values from `c0` in `x`, their 9 weights in `k`,
+    /// pixels `j0..j0 + cols` of the `plane_out` output pixels (`j0` a multiple of 16), and
+    /// `buf` holding their `kc` rows of 48-value panels.
+    fn check_pack(
+        (plane_in, plane_out): (usize, usize),
+        x: &[f32],
+        k: &[f32],
+        (c0, kc): (usize, usize),
+        (j0, cols): (usize, usize),
+        buf: &[f32],
+    ) {
+        assert!(
+            j0 % 16 == 0
+                && j0 + cols <= plane_out
+                && x.len() >= (c0 + kc) * plane_in
+                && k.len() >= (c0 + kc) * 9
+                && buf.len() >= kc * cols.div_ceil(48) * 48,
+            "depthwise packer: pixels {j0}+{cols} of {kc} channels from {c0} do not fit"
+        );
+    }
+
+    /// Prefetches a span of the next channel's plane into L1 a few lines per step of the
+    /// current channel: each channel reads its own plane, a separate stream of a few KB the
+    /// hardware prefetchers start late, and a burst of ~120 prefetches at once stalled the
+    /// loads.
+    struct SpreadPrefetch {
+        lo: usize,
+        hi: usize,
+        per_step: usize,
+        next: Option<*const f32>,
+        line: usize,
+    }
+
+    impl SpreadPrefetch {
+        /// Values `lo..hi` of the plane, over `steps` steps.
+        fn new((lo, hi): (usize, usize), steps: usize) -> Self {
+            Self {
+                lo,
+                hi,
+                per_step: hi.saturating_sub(lo).div_ceil(16).div_ceil(steps.max(1)),
+                next: None,
+                line: 0,
+            }
+        }
+
+        /// Starts a channel; `next` is the next channel's plane, if any.
+        fn channel(&mut self, next: Option<*const f32>) {
+            self.next = next.map(|p| p.wrapping_add(self.lo));
+            self.line = 0;
+        }
+
+        /// The next few lines.
+        #[inline(always)]
+        fn step(&mut self) {
+            let Some(next) = self.next else { return };
+            for _ in 0..self.per_step {
+                if self.lo + 16 * self.line < self.hi {
+                    let at = next.wrapping_add(16 * self.line) as *const i8;
+                    // SAFETY: a prefetch is a hint: it never faults nor changes memory.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(at) };
+                }
+                self.line += 1;
+            }
+        }
+    }
+
     /// A 3x3 stride-1 depthwise convolution whose output keeps the input's size, evaluated
     /// on runs of 16 consecutive pixels of the flattened plane: the form in which a following
     /// pointwise product consumes it (`crate::separable` writes the depthwise outputs straight
@@ -1874,20 +1941,11 @@ mod avx512 {
             (relu, act): (bool, Activation),
             buf: &mut [f32],
         ) {
-            const PANEL: usize = 48;
-            let np = cols.div_ceil(PANEL);
-            assert!(
-                j0 % 16 == 0
-                    && j0 + cols <= self.h * self.w
-                    && x.len() >= (c0 + kc) * self.h * self.w
-                    && k.len() >= (c0 + kc) * 9
-                    && buf.len() >= kc * np * PANEL,
-                "depthwise packer: pixels {j0}+{cols} of {} channels from {c0} do not fit",
-                kc
-            );
+            let hw = self.h * self.w;
+            check_pack((hw, hw), x, k, (c0, kc), (j0, cols), buf);
             // SAFETY: the masked loads read only pixels inside channel planes below `c0 + kc`
-            // (the masks keep the taps inside the plane), the stores stay in the `kc * np`
-            // panel rows of `buf` (all checked above).
+            // (the masks keep the taps inside the plane), the stores stay in the block's `kc`
+            // rows of panels in `buf` (all checked above).
             unsafe { with_flags!(relu, act, self.panels(x, k, epi, (c0, kc), (j0, cols), buf)) }
         }
 
@@ -1924,18 +1982,14 @@ mod avx512 {
                     }
                 })
                 .collect();
-            // The span of a plane the block's taps read, for prefetching the next channel's.
+            // The span of a plane the block's taps read, the next channel's prefetched over
+            // each channel's panels.
             let lo = (j0 as isize + self.off[0]).max(0) as usize;
             let hi = ((end as isize + self.off[8]).max(0) as usize).min(hw);
-            // Cache lines of that span prefetched per panel: the span spread evenly over the
-            // channel's panels (a burst of ~120 prefetches per channel stalled the loads).
-            let per_panel = (hi.saturating_sub(lo)).div_ceil(16).div_ceil(np);
+            let mut pf = SpreadPrefetch::new((lo, hi), np);
             for p in 0..kc {
                 let ch = c0 + p;
-                // The next channel's span heads for L1 while this one is computed: each channel
-                // reads its own plane, a separate stream of a few KB.
-                let next = (p + 1 < kc).then(|| x.as_ptr().wrapping_add((ch + 1) * hw + lo));
-                let mut line = 0;
+                pf.channel((p + 1 < kc).then(|| x.as_ptr().wrapping_add((ch + 1) * hw)));
                 let kv: [__m512; 9] = std::array::from_fn(|t| _mm512_set1_ps(k[ch * 9 + t]));
                 let e = epi(ch);
                 let (sv, tv) = (_mm512_set1_ps(e.scale), _mm512_set1_ps(e.shift));
@@ -1943,15 +1997,7 @@ mod avx512 {
                 for q in 0..np {
                     let dst = buf.as_mut_ptr().wrapping_add((q * kc + p) * PANEL);
                     let f0 = j0 + q * PANEL;
-                    if let Some(next) = next {
-                        for _ in 0..per_panel {
-                            if lo + 16 * line < hi {
-                                let at = next.wrapping_add(16 * line) as *const i8;
-                                _mm_prefetch::<_MM_HINT_T0>(at);
-                            }
-                            line += 1;
-                        }
-                    }
+                    pf.step();
                     // The panel's three vectors together: three independent FMA chains.
                     let mut acc = [_mm512_set1_ps(e.init); V];
                     for t in 0..9 {
@@ -2034,18 +2080,17 @@ mod avx512 {
             (relu, act): (bool, Activation),
             buf: &mut [f32],
         ) {
-            const PANEL: usize = 48;
-            let np = cols.div_ceil(PANEL);
-            assert!(
-                j0 + cols <= self.ho * self.wo
-                    && x.len() >= (c0 + kc) * self.h * self.w
-                    && k.len() >= (c0 + kc) * 9
-                    && buf.len() >= kc * np * PANEL,
-                "depthwise packer: pixels {j0}+{cols} of {} channels from {c0} do not fit",
-                kc
+            check_pack(
+                (self.h * self.w, self.ho * self.wo),
+                x,
+                k,
+                (c0, kc),
+                (j0, cols),
+                buf,
             );
             // SAFETY: the loads are masked to columns inside rows inside the channel planes
-            // below `c0 + kc`, the stores stay in the `kc * np` panel rows of `buf` (checked).
+            // below `c0 + kc`, the stores stay in the block's `kc` rows of panels in `buf`
+            // (checked above).
             unsafe { with_flags!(relu, act, self.panels(x, k, epi, (c0, kc), (j0, cols), buf)) }
         }
 
@@ -2088,29 +2133,20 @@ mod avx512 {
                     })
                 })
                 .collect();
-            // The input rows the block reads, for prefetching the next channel's, spread over
-            // the channel's runs.
+            // The input rows the block reads, the next channel's prefetched over each channel's
+            // runs.
             let lo = ((2 * (j0 / self.wo)).saturating_sub(self.pt) * self.w).min(hw);
             let hi = ((2 * ((end - 1) / self.wo) + 3).saturating_sub(self.pt) * self.w).min(hw);
-            let per_run = (hi - lo).div_ceil(16).div_ceil(runs.len().max(1));
+            let mut pf = SpreadPrefetch::new((lo, hi), runs.len());
             for p in 0..kc {
                 let ch = c0 + p;
-                let next = (p + 1 < kc).then(|| x.as_ptr().wrapping_add((ch + 1) * hw + lo));
-                let mut line = 0;
+                pf.channel((p + 1 < kc).then(|| x.as_ptr().wrapping_add((ch + 1) * hw)));
                 let kv: [__m512; 9] = std::array::from_fn(|t| _mm512_set1_ps(k[ch * 9 + t]));
                 let e = epi(ch);
                 let (sv, tv) = (_mm512_set1_ps(e.scale), _mm512_set1_ps(e.shift));
                 let plane = x.as_ptr().wrapping_add(ch * hw);
                 for (u, run) in runs.iter().enumerate() {
-                    if let Some(next) = next {
-                        for _ in 0..per_run {
-                            if lo + 16 * line < hi {
-                                let at = next.wrapping_add(16 * line) as *const i8;
-                                _mm_prefetch::<_MM_HINT_T0>(at);
-                            }
-                            line += 1;
-                        }
-                    }
+                    pf.step();
                     let dst = buf
                         .as_mut_ptr()
                         .wrapping_add(((u / 3) * kc + p) * PANEL + 16 * (u % 3));
