@@ -30,6 +30,12 @@ and the seventh session's (each binary built at its commit):
     python3 benches/peers/steps.py --rounds 3 --step "session start (58121f5)=/tmp/deeplab-base" \
         --step "+ atrous rectangles as pixel-row products (f66ae89)=/tmp/deeplab-f66ae89" \
         --step "+ max pool by phases (f4a4a72)=/tmp/deeplab-f4a4a72"
+and the eighth session's (each binary built at its commit):
+    python3 benches/peers/steps.py --rounds 3 --step "session start (7e687cc)=/tmp/deeplab-review" \
+        --step "+ commands on a rayon worker (4019c95)=/tmp/deeplab-worker" \
+        --step "+ fused separable convolution, microkernel epilogue unrolled (9b594a6)=/tmp/deeplab-final9" \
+        --step "+ ASPP projection without concatenation (2212f6f)=/tmp/deeplab-2212f6f" \
+        --step "+ depthwise packing cost (61a1f7d)=/tmp/deeplab-head"
 """
 import argparse
 import os
