@@ -366,17 +366,14 @@ enum Block {
 impl Block {
     /// Output, and the depthwise activation when `tap` asks for it (the low-level feature).
     fn forward(&self, x: &Tensor, train: bool, tap: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let (conv_dw, conv_pw, dw_input) = match self {
-            Block::Ds(b) => (&b.conv_dw, &b.conv_pw, x.clone()),
+        let (conv_dw, conv_pw, dw_input, skip) = match self {
+            Block::Ds(b) => (&b.conv_dw, &b.conv_pw, x.clone(), b.skip),
             Block::Ir(b) => (
                 &b.conv_dw,
                 &b.conv_pwl,
                 b.bn1.forward_t(&b.conv_pw.forward(x)?, train)?,
+                b.skip,
             ),
-        };
-        let skip = match self {
-            Block::Ds(b) => b.skip,
-            Block::Ir(b) => b.skip,
         };
         if let (Some(de), Some(pe), false, false) =
             (&conv_dw.epilogue, conv_pw.epilogue(), train, tap)

@@ -137,10 +137,11 @@ fn concat_products(
         }
         channels.push(c);
     }
-    if channels.iter().sum::<usize>() != k {
+    if channels.iter().sum::<usize>() != k || scale.len() != cout || shift.len() != cout {
         bail!(
-            "conv1x1 over a concatenation: weight {:?} does not fit parts of {channels:?} channels",
-            w.dims()
+            "conv1x1 over a concatenation: weight {:?} (epilogue of {} channels) does not fit parts of {channels:?} channels",
+            w.dims(),
+            scale.len()
         )
     }
     let parts: Vec<Tensor> = parts
@@ -157,41 +158,54 @@ fn concat_products(
     }
     let wg = w.storage_and_layout();
     let wv = slice(&wg.0, wg.1)?;
-    let mut out = vec![0f32; n * cout * hw];
+    let total = n * cout * hw;
+    // Every value is written once below (the constants' rows, or the first product): no zero
+    // fill.
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let k_constants: usize = channels[..first_map].iter().sum();
     for b in 0..n {
-        let ob = &mut out[b * cout * hw..(b + 1) * cout * hw];
-        let mut k0 = 0;
-        let mut started = false;
-        for (i, (g, &c)) in guards.iter().zip(&channels).enumerate() {
-            let data = slice(&g.0, g.1)?;
-            if i < first_map {
-                // A constant part: the chain of its channels, then every pixel of row `o`.
-                let p = &data[b * c..(b + 1) * c];
-                for (o, row) in ob.chunks_exact_mut(hw).enumerate() {
-                    let init = if started { row[0] } else { 0.0 };
+        let ob = &mut out.spare_capacity_mut()[b * cout * hw..(b + 1) * cout * hw];
+        if first_map > 0 {
+            // The constant parts: each output channel's chain over their channels, then every
+            // pixel of its row.
+            for (o, row) in ob.chunks_exact_mut(hw).enumerate() {
+                let mut v = 0f32;
+                let mut k0 = 0;
+                for (g, &c) in guards[..first_map].iter().zip(&channels) {
+                    let p = &slice(&g.0, g.1)?[b * c..(b + 1) * c];
                     let wr = &wv[o * k + k0..o * k + k0 + c];
-                    let v = wr
-                        .iter()
-                        .zip(p)
-                        .fold(init, |acc, (a, x)| a.mul_add(*x, acc));
-                    row.fill(v);
+                    v = wr.iter().zip(p).fold(v, |acc, (a, x)| a.mul_add(*x, acc));
+                    k0 += c;
                 }
-            } else {
-                let last = i + 1 == parts.len();
-                crate::sgemm::sgemm_ex(
-                    (cout, hw, c),
-                    crate::sgemm::Operand::rows(&wv[k0..], k),
-                    crate::sgemm::Operand::rows(&data[b * c * hw..(b + 1) * c * hw], hw),
-                    (ob, hw),
-                    started,
-                    last.then(|| crate::sgemm::RowEpilogue::affine(scale, shift, act)),
-                    crate::cpu::threads(),
-                )?;
+                row.fill(std::mem::MaybeUninit::new(v));
             }
-            started = true;
+        }
+        let mut k0 = k_constants;
+        for (i, (g, &c)) in guards.iter().zip(&channels).enumerate().skip(first_map) {
+            let data = &slice(&g.0, g.1)?[b * c * hw..(b + 1) * c * hw];
+            let last = i + 1 == parts.len();
+            let epi = last.then(|| crate::sgemm::RowEpilogue::affine(scale, shift, act));
+            // SAFETY: `A` is the weight's columns `k0..k0 + c` (`cout` rows of stride `k`,
+            // inside `wv`: `cout * k` values), `B` the part's `c x hw` map, `C` image `b`'s `cout
+            // x hw` rows of `out`'s capacity, read only when accumulating onto values written
+            // before (the constants' rows or an earlier product); the epilogue has `cout`
+            // scales and shifts (`fused_f32` of this weight).
+            unsafe {
+                crate::sgemm::sgemm_raw_ex(
+                    (cout, hw, c),
+                    crate::sgemm::RawOperand::rows(wv.as_ptr().add(k0), k),
+                    crate::sgemm::RawOperand::rows(data.as_ptr(), hw),
+                    (ob.as_mut_ptr() as *mut f32, hw),
+                    k0 > 0,
+                    epi,
+                    crate::cpu::threads(),
+                )
+            };
             k0 += c;
         }
     }
+    // SAFETY: every value of every image was written above.
+    unsafe { out.set_len(total) };
     drop(guards);
     Tensor::from_vec(out, (n, cout, h, wd), parts[first_map].device())
 }

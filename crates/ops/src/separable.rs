@@ -34,8 +34,9 @@ const DEPTHWISE_PACK_COST: f64 = 6.0;
 /// 512 x 10, the same 737-960 KiB packed block in L2): each chunk's depthwise outputs also
 /// read the input rows `dilation` above and below it, and a wider chunk reads fewer of them
 /// twice, while with few output rows the product gains little from deep blocks. With many
-/// output rows the product's deep blocks win. Alternating in one process (2 threads, ms,
-/// unfused / fused 512 x 10 / 128 x 30): 960 -> 160 at 65x65 rate 4 6.54 / 6.27 / 5.56, 576
+/// output rows the product's deep blocks win. Alternating in one process with a throwaway
+/// build that switched the blocking per call (2 threads, ms, unfused / fused 512 x 10 / 128 x
+/// 30; `examples/separable_time.rs` times the current choice against the unfused layers): 960 -> 160 at 65x65 rate 4 6.54 / 6.27 / 5.56, 576
 /// -> 96 rate 2 3.08 / 2.46 / 2.28, 2048 -> 256 at 33x33 rate 6 6.41 / 4.58 / 4.40; 728 ->
 /// 728 at 33x33 3.34 / 3.31 / 3.50, 1536 -> 2048 rate 2 19.10 / 18.78 / 20.02, 728 -> 728
 /// at 65x65 13.71 / 12.68 / 17.24, 256 -> 256 at 129x129 11.30 / 9.02 / 10.37.
