@@ -867,6 +867,9 @@ unsafe fn blocked(
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::transpose16;
+
+#[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Activation, RawOperand, MR, NR};
     use std::arch::x86_64::*;
@@ -884,7 +887,7 @@ mod avx512 {
     /// row groups).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    pub(crate) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
         // t[2i] = (a0 b0 a1 b1 | ...), t[2i + 1] = (a2 b2 a3 b3 | ...) for rows a = 2i, b = 2i + 1.
         let t: [__m512; 16] = std::array::from_fn(|x| {
             let (a, b) = (r[x & !1], r[x | 1]);

@@ -106,6 +106,16 @@ pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> 
     // Every value of the first `cout * 36 * cin` is written below (a buffer reused from the
     // thread's last call may be longer).
     let mut u = crate::cpu::take_buf(&super::U_BUF, cout * 36 * cin);
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx512() {
+        u[..cout * 36 * cin]
+            .par_chunks_mut(36 * cin)
+            .zip(k.par_chunks(cin * 9))
+            // SAFETY: `dst` is one output channel's `36 * cin` values of `U`, `src` its
+            // `cin * 9` weights; the CPU supports AVX-512F.
+            .for_each(|(dst, src)| unsafe { avx512::weights_of_channel(dst, src, cin) });
+        return u;
+    }
     u[..cout * 36 * cin]
         .par_chunks_mut(36 * cin)
         .zip(k.par_chunks(cin * 9))
@@ -118,6 +128,88 @@ pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> 
             },
         );
     u
+}
+
+/// [`weights_of_channel`] on 16 input channels at a time, read in place: the 16 channels' nine
+/// taps are transposed in registers (no tap-major copy of the weights, no scratch),
+/// `G g Gᵀ` is computed in registers and each of the 36 positions is one store. The same sums
+/// in the same order as the scalar form ([`combine`]: the first nonzero term a product, the
+/// rest fused multiply-adds), so `U` is the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::G;
+    use std::arch::x86_64::*;
+
+    /// [`G`] in f32 (the scalar form's `v as f32`), as constants.
+    const GF: [[f32; 3]; 6] = {
+        let mut g = [[0f32; 3]; 6];
+        let mut i = 0;
+        while i < 6 {
+            let mut t = 0;
+            while t < 3 {
+                g[i][t] = G[i][t] as f32;
+                t += 1;
+            }
+            i += 1;
+        }
+        g
+    };
+
+    /// `Σ c_t v_t` as [`super::combine`] forms it, for a row of [`G`]: its only zero entries
+    /// are the first and last rows' (`(1, 0, 0)`, `(0, 0, 1)`, test
+    /// `g_zeros_are_the_end_rows`).
+    #[inline(always)]
+    fn combine(c: [f32; 3], v: [__m512; 3]) -> __m512 {
+        // SAFETY (all arms): register arithmetic; AVX-512F is enabled by the caller.
+        unsafe {
+            if c[1] == 0.0 && c[2] == 0.0 {
+                _mm512_mul_ps(_mm512_set1_ps(c[0]), v[0])
+            } else if c[0] == 0.0 && c[1] == 0.0 {
+                _mm512_mul_ps(_mm512_set1_ps(c[2]), v[2])
+            } else {
+                let a = _mm512_mul_ps(_mm512_set1_ps(c[0]), v[0]);
+                let a = _mm512_fmadd_ps(_mm512_set1_ps(c[1]), v[1], a);
+                _mm512_fmadd_ps(_mm512_set1_ps(c[2]), v[2], a)
+            }
+        }
+    }
+
+    /// `U` of one output channel: `dst` (`[36][Cin]`) from its weights `src` (`[Cin][3][3]`).
+    ///
+    /// # Safety
+    /// `dst` holds `36 * cin` values and `src` `9 * cin`; the CPU supports AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weights_of_channel(dst: &mut [f32], src: &[f32], cin: usize) {
+        assert!(dst.len() >= 36 * cin && src.len() >= 9 * cin);
+        for c in (0..cin).step_by(16) {
+            let n = (cin - c).min(16);
+            let m: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+            // Channel `c + l`'s nine taps as row `l`, transposed: tap `t` of the 16 channels
+            // is row `t`.
+            let row = |l: usize| {
+                // SAFETY: the nine taps of channel `c + l`, inside `src` for `l < n`.
+                unsafe { _mm512_maskz_loadu_ps(0x1ff, src.as_ptr().add(9 * (c + l))) }
+            };
+            let rows: [__m512; 16] = if n == 16 {
+                std::array::from_fn(row)
+            } else {
+                std::array::from_fn(|l| if l < n { row(l) } else { _mm512_setzero_ps() })
+            };
+            let taps = crate::sgemm::transpose16(rows);
+            for (i, gi) in GF.iter().enumerate() {
+                // Row `i` of `G g`: one vector per kernel column.
+                let gg: [__m512; 3] =
+                    std::array::from_fn(|tx| combine(*gi, [taps[tx], taps[3 + tx], taps[6 + tx]]));
+                for (j, gj) in GF.iter().enumerate() {
+                    let u = combine(*gj, gg);
+                    // SAFETY: row `6 i + j`, channels `c..c + n` (length asserted).
+                    unsafe {
+                        _mm512_mask_storeu_ps(dst.as_mut_ptr().add((6 * i + j) * cin + c), m, u)
+                    };
+                }
+            }
+        }
+    }
 }
 
 /// `out = Σ c_t src_t` over the terms with a nonzero coefficient (none: zeros).
@@ -399,6 +491,46 @@ fn write_row(dst: &mut [f32], cols: &Axis, vals: [&[f32]; 4]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector weight transform's `combine` relies on these zeros of `G` and no others.
+    #[test]
+    fn g_zeros_are_the_end_rows() {
+        for (i, row) in G.iter().enumerate() {
+            let zeros: Vec<usize> = (0..3).filter(|&t| row[t] == 0.0).collect();
+            let want = match i {
+                0 => vec![1, 2],
+                5 => vec![0, 1],
+                _ => vec![],
+            };
+            assert_eq!(zeros, want, "row {i} of G");
+        }
+    }
+
+    /// The AVX-512 weight transform gives the scalar form's bits, for channel counts that fill
+    /// whole vectors and ones that end in a partial one.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_weight_transform_is_bit_identical() {
+        if !crate::cpu::has_avx512() {
+            return;
+        }
+        for cin in [1, 7, 16, 33, 64] {
+            let k: Vec<f32> = (0..9 * cin)
+                .map(|i| {
+                    ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / (1 << 24) as f32 - 0.5
+                })
+                .collect();
+            let (mut taps, mut gg) = (vec![0f32; 9 * cin], vec![0f32; 18 * cin]);
+            tap_major(&k, 9, &mut taps);
+            let mut want = vec![0f32; 36 * cin];
+            weights_of_channel(&mut want, &taps, &mut gg, cin);
+            let mut got = vec![f32::NAN; 36 * cin];
+            // SAFETY: `got` holds `36 * cin` values, `k` `9 * cin`; AVX-512F checked above.
+            unsafe { avx512::weights_of_channel(&mut got, &k, cin) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{cin} input channels");
+        }
+    }
 
     /// The written-out transforms are the matrices' rows, and the three matrices compute a 3-tap
     /// correlation: `Aᵀ [(G g) ⊙ (Bᵀ d)] = (Σ_k g_k d_{i+k})_i` for every `g`, `d` (checked in
