@@ -137,7 +137,7 @@ pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> 
 /// rest fused multiply-adds), so `U` is the same bits.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::G;
+    use super::{Axis, G};
     use std::arch::x86_64::*;
 
     /// [`G`] in f32 (the scalar form's `v as f32`), as constants.
@@ -170,6 +170,121 @@ mod avx512 {
                 let a = _mm512_mul_ps(_mm512_set1_ps(c[0]), v[0]);
                 let a = _mm512_fmadd_ps(_mm512_set1_ps(c[1]), v[1], a);
                 _mm512_fmadd_ps(_mm512_set1_ps(c[2]), v[2], a)
+            }
+        }
+    }
+
+    /// [`super::bt`] on vectors, operation for operation (the same bits).
+    #[inline(always)]
+    fn bt(x: [__m512; 6]) -> [__m512; 6] {
+        let [x0, x1, x2, x3, x4, x5] = x;
+        // SAFETY: register arithmetic; AVX-512F is enabled by the caller.
+        unsafe {
+            let c = _mm512_set1_ps;
+            let (add, sub, mul, fma) =
+                (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_fmadd_ps);
+            [
+                add(fma(c(1.5), sub(x1, x3), x0), sub(x4, mul(c(2.0), x2))),
+                sub(fma(c(-2.5), x2, sub(x4, x1)), mul(c(0.5), x3)),
+                sub(fma(c(0.5), x2, add(x1, x4)), mul(c(2.5), x3)),
+                fma(c(0.5), sub(x3, x1), sub(x4, x2)),
+                fma(c(2.0), sub(x1, x3), sub(x4, x2)),
+                sub(fma(c(1.5), sub(x2, x4), add(x1, x5)), mul(c(2.0), x3)),
+            ]
+        }
+    }
+
+    /// Tiles per group of [`transform_input_d1`]: the 4 x 12 + 2 input columns of 12 tiles
+    /// fit four vectors.
+    const GROUP: usize = 12;
+
+    /// [`super::transform_input`] for an undilated convolution, 12 tiles of a tile row at a
+    /// time: the group's six input rows are loaded as four vectors each (columns outside the
+    /// plane masked to zero), `Bᵀ d` is taken down the columns on whole vectors, and each of
+    /// its six rows is split into the four column phases by two-source permutes (lanes
+    /// `l = 0..12` of phase `j` hold column `4 l + j`; columns `4 l + 4`, `4 l + 5` are phases
+    /// 0 and 1 moved down a lane) for `(Bᵀ d) B` across the tiles. The same operations in the
+    /// same order as the scalar form, so `V` is the same bits.
+    ///
+    /// # Safety
+    /// As [`super::transform_input`] (`dst` holds rows `0..36` of `ld` values, each with the
+    /// block's tiles); the CPU supports AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transform_input_d1(
+        src: &[f32],
+        (h, w): (usize, usize),
+        (rows_axis, cols): (&Axis, &Axis),
+        (i0, i1): (usize, usize),
+        dst: &mut [f32],
+        ld: usize,
+    ) {
+        let tw = cols.tiles;
+        assert!(
+            src.len() >= h * w && dst.len() >= 35 * ld + (i1 - i0) * tw && ld >= (i1 - i0) * tw,
+            "winograd input transform: plane or output too small"
+        );
+        let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        // Phase `j`: lane `l` takes element `4 (l mod 8) + j` of a vector pair.
+        let phase: [__m512i; 4] = std::array::from_fn(|j| {
+            _mm512_add_epi32(
+                _mm512_slli_epi32::<2>(_mm512_and_si512(iota, _mm512_set1_epi32(7))),
+                _mm512_set1_epi32(j as i32),
+            )
+        });
+        // `Bᵀ d` of the group: row `kk`, 64 columns.
+        let mut t = [[_mm512_setzero_ps(); 4]; 6];
+        for i in i0..i1 {
+            let base = (i - i0) * tw;
+            for l0 in (0..tw).step_by(GROUP) {
+                let col0 = cols.input(0, l0, 0);
+                // Lanes of vector `v` whose columns lie inside the row.
+                let masks: [__mmask16; 4] = std::array::from_fn(|v| {
+                    let c =
+                        _mm512_add_epi32(_mm512_set1_epi32((col0 + 16 * v as isize) as i32), iota);
+                    _mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(w as i32))
+                });
+                for (v, &mask) in masks.iter().enumerate() {
+                    let x: [__m512; 6] = std::array::from_fn(|r| {
+                        let iy = rows_axis.input(0, i, r);
+                        if iy < 0 || iy >= h as isize || mask == 0 {
+                            return _mm512_setzero_ps();
+                        }
+                        let at = iy * w as isize + col0 + 16 * v as isize;
+                        // SAFETY: the mask keeps the lanes whose columns lie in row `iy < h`.
+                        unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_offset(at)) }
+                    });
+                    for (kk, y) in bt(x).into_iter().enumerate() {
+                        t[kk][v] = y;
+                    }
+                }
+                let live = (tw - l0).min(GROUP);
+                let store: __mmask16 = ((1u32 << live) - 1) as __mmask16;
+                for (kk, row) in t.iter().enumerate() {
+                    let e: [__m512; 4] = std::array::from_fn(|j| {
+                        let lo = _mm512_permutex2var_ps(row[0], phase[j], row[1]);
+                        let hi = _mm512_permutex2var_ps(row[2], phase[j], row[3]);
+                        _mm512_mask_mov_ps(lo, 0xff00, hi)
+                    });
+                    // Columns `4 l + 4` and `4 l + 5`: phases 0 and 1 of tile `l + 1`.
+                    let down = |v: __m512| {
+                        _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                            _mm512_setzero_si512(),
+                            _mm512_castps_si512(v),
+                        ))
+                    };
+                    let y = bt([e[0], e[1], e[2], e[3], down(e[0]), down(e[1])]);
+                    for (b, y) in y.into_iter().enumerate() {
+                        // SAFETY: row `6 kk + b` of `dst`, the group's `live` tiles of tile row
+                        // `i` (sizes asserted above).
+                        unsafe {
+                            _mm512_mask_storeu_ps(
+                                dst.as_mut_ptr().add((6 * kk + b) * ld + base + l0),
+                                store,
+                                y,
+                            )
+                        };
+                    }
+                }
             }
         }
     }
@@ -271,6 +386,27 @@ fn weights_of_channel(dst: &mut [f32], taps: &[f32], gg: &mut [f32], cin: usize)
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn transform_input(
+    src: &[f32],
+    (h, w): (usize, usize),
+    (rows_axis, cols): (&Axis, &Axis),
+    (i0, i1): (usize, usize),
+    dst: &mut [f32],
+    ld: usize,
+    scratch: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if rows_axis.d == 1 && cols.d == 1 && crate::cpu::has_avx512() {
+        // SAFETY: AVX-512F is available; the arguments are this function's.
+        unsafe { avx512::transform_input_d1(src, (h, w), (rows_axis, cols), (i0, i1), dst, ld) };
+        return;
+    }
+    scalar_input(src, (h, w), (rows_axis, cols), (i0, i1), dst, ld, scratch)
+}
+
+/// [`transform_input`] on plain arrays, any dilation (see there).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn scalar_input(
     src: &[f32],
     (h, w): (usize, usize),
     (rows_axis, cols): (&Axis, &Axis),
@@ -491,6 +627,65 @@ fn write_row(dst: &mut [f32], cols: &Axis, vals: [&[f32]; 4]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX-512 input transform of undilated convolutions gives the scalar form's bits, on
+    /// maps of a few tiles to more than one group of tiles a row, any padding, whole maps and
+    /// blocks of tile rows.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_input_transform_is_bit_identical() {
+        if !crate::cpu::has_avx512() {
+            return;
+        }
+        for (h, w, (pt, pl), (ho, wo)) in [
+            (33, 33, (1, 1), (33, 33)),
+            (65, 65, (1, 1), (65, 65)),
+            (9, 11, (0, 2), (7, 11)),
+            (3, 5, (1, 1), (3, 5)),
+            (20, 50, (2, 0), (20, 48)),
+            (129, 129, (1, 1), (129, 129)),
+        ] {
+            let (rows_axis, cols) = (Axis::new(4, 1, pt, ho), Axis::new(4, 1, pl, wo));
+            let x: Vec<f32> = (0..h * w)
+                .map(|i| {
+                    ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / (1 << 24) as f32 - 0.5
+                })
+                .collect();
+            let th = rows_axis.tiles;
+            for (i0, i1) in [(0, th), (th / 2, th)] {
+                let ld = (i1 - i0) * cols.tiles + 3;
+                let mut want = vec![f32::NAN; 36 * ld];
+                let mut scratch = vec![0f32; 54 * (i1 - i0) * cols.inputs];
+                scalar_input(
+                    &x,
+                    (h, w),
+                    (&rows_axis, &cols),
+                    (i0, i1),
+                    &mut want,
+                    ld,
+                    &mut scratch,
+                );
+                let mut got = vec![f32::NAN; 36 * ld];
+                // SAFETY: `got` holds 36 rows of `ld >= (i1 - i0) * tiles` values; AVX-512F.
+                unsafe {
+                    avx512::transform_input_d1(
+                        &x,
+                        (h, w),
+                        (&rows_axis, &cols),
+                        (i0, i1),
+                        &mut got,
+                        ld,
+                    )
+                };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{h}x{w} pad {pt},{pl} tile rows {i0}..{i1}"
+                );
+            }
+        }
+    }
 
     /// The vector weight transform's `combine` relies on these zeros of `G` and no others.
     #[test]
