@@ -194,6 +194,58 @@ mod avx512 {
         }
     }
 
+    /// `dst[4 l + j] = vals[j][l]` for every `4 l + j < dst.len()` (an undilated row of
+    /// output tiles, [`super::write_row`]): 16 tiles at a time, the four values interleaved in
+    /// 128-bit lanes and the lanes transposed across the four vectors.
+    ///
+    /// # Safety
+    /// Each `vals[j]` holds `dst.len().div_ceil(4)` values; the CPU supports AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn interleave4(dst: &mut [f32], vals: [&[f32]; 4]) {
+        let wo = dst.len();
+        let tiles = wo.div_ceil(4);
+        assert!(
+            vals.iter().all(|v| v.len() >= tiles),
+            "winograd: too few tile values"
+        );
+        for l0 in (0..tiles).step_by(16) {
+            let m: __mmask16 = ((1u32 << (tiles - l0).min(16)) - 1) as __mmask16;
+            // SAFETY: tiles `l0..l0 + 16` of each `vals[j]`, masked to `tiles` (asserted).
+            let [a, b, c, d] =
+                vals.map(|v| unsafe { _mm512_maskz_loadu_ps(m, v.as_ptr().add(l0)) });
+            let (ab_lo, ab_hi) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let (cd_lo, cd_hi) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+            let pd = _mm512_castps_pd;
+            let ps = _mm512_castpd_ps;
+            // `v[k]`: 128-bit lane `q` holds tile `4 q + k`'s four values.
+            let v = [
+                ps(_mm512_unpacklo_pd(pd(ab_lo), pd(cd_lo))),
+                ps(_mm512_unpackhi_pd(pd(ab_lo), pd(cd_lo))),
+                ps(_mm512_unpacklo_pd(pd(ab_hi), pd(cd_hi))),
+                ps(_mm512_unpackhi_pd(pd(ab_hi), pd(cd_hi))),
+            ];
+            let s0 = _mm512_shuffle_f32x4::<0x44>(v[0], v[1]);
+            let s1 = _mm512_shuffle_f32x4::<0x44>(v[2], v[3]);
+            let s2 = _mm512_shuffle_f32x4::<0xee>(v[0], v[1]);
+            let s3 = _mm512_shuffle_f32x4::<0xee>(v[2], v[3]);
+            let out = [
+                _mm512_shuffle_f32x4::<0x88>(s0, s1),
+                _mm512_shuffle_f32x4::<0xdd>(s0, s1),
+                _mm512_shuffle_f32x4::<0x88>(s2, s3),
+                _mm512_shuffle_f32x4::<0xdd>(s2, s3),
+            ];
+            for (k, o) in out.into_iter().enumerate() {
+                let at = 4 * l0 + 16 * k;
+                if at >= wo {
+                    break;
+                }
+                let m: __mmask16 = ((1u32 << (wo - at).min(16)) - 1) as __mmask16;
+                // SAFETY: outputs `at..at + 16` masked to `wo`.
+                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add(at), m, o) };
+            }
+        }
+    }
+
     /// Tiles per group of [`transform_input_d1`]: the 4 x 12 + 2 input columns of 12 tiles
     /// fit four vectors.
     const GROUP: usize = 12;
@@ -604,6 +656,12 @@ fn output_rows(
 #[inline(always)]
 fn write_row(dst: &mut [f32], cols: &Axis, vals: [&[f32]; 4]) {
     let (d, wo) = (cols.d, dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if d == 1 && crate::cpu::has_avx512() {
+        // SAFETY: AVX-512F is available.
+        unsafe { avx512::interleave4(dst, vals) };
+        return;
+    }
     if d == 1 {
         for (l, quad) in dst.chunks_mut(4).enumerate() {
             for (j, o) in quad.iter_mut().enumerate() {
@@ -684,6 +742,31 @@ mod tests {
                     "{h}x{w} pad {pt},{pl} tile rows {i0}..{i1}"
                 );
             }
+        }
+    }
+
+    /// The vector interleave of an output row's tiles writes each value where the scalar one
+    /// does, on rows of a few to more than 16 tiles, whole and cut.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_row_interleave_matches() {
+        if !crate::cpu::has_avx512() {
+            return;
+        }
+        for wo in [1usize, 3, 4, 5, 33, 64, 65, 129] {
+            let tiles = wo.div_ceil(4);
+            let vals: Vec<Vec<f32>> = (0..4)
+                .map(|j| (0..tiles).map(|l| (100 * l + j) as f32).collect())
+                .collect();
+            let mut got = vec![f32::NAN; wo + 8];
+            // SAFETY: each `vals[j]` holds `wo.div_ceil(4)` values; AVX-512F checked above.
+            unsafe { avx512::interleave4(&mut got[..wo], std::array::from_fn(|j| &vals[j][..])) };
+            let want: Vec<f32> = (0..wo).map(|x| (100 * (x / 4) + x % 4) as f32).collect();
+            assert_eq!(got[..wo], want[..], "{wo} columns");
+            assert!(
+                got[wo..].iter().all(|v| v.is_nan()),
+                "{wo} columns: wrote past the row"
+            );
         }
     }
 
