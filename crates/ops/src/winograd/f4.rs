@@ -130,11 +130,11 @@ pub(crate) fn transform_weights(k: &[f32], cout: usize, cin: usize) -> Vec<f32> 
     u
 }
 
-/// [`weights_of_channel`] on 16 input channels at a time, read in place: the 16 channels' nine
-/// taps are transposed in registers (no tap-major copy of the weights, no scratch),
-/// `G g Gᵀ` is computed in registers and each of the 36 positions is one store. The same sums
-/// in the same order as the scalar form ([`combine`]: the first nonzero term a product, the
-/// rest fused multiply-adds), so `U` is the same bits.
+/// The transforms on AVX-512, each the same operations in the same order as its scalar form
+/// (so the same bits): the weight transform ([`weights_of_channel`] on 16 input channels at a
+/// time, read in place: no tap-major copy, no scratch), the input transform of undilated
+/// convolutions ([`transform_input`]) and the interleave of an undilated output row
+/// ([`write_row`]).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Axis, G};
@@ -287,6 +287,11 @@ mod avx512 {
         let mut t = [[_mm512_setzero_ps(); 4]; 6];
         for i in i0..i1 {
             let base = (i - i0) * tw;
+            // The offsets of the tile row's six input rows in the plane (`None`: padding).
+            let rows: [Option<isize>; 6] = std::array::from_fn(|r| {
+                let iy = rows_axis.input(0, i, r);
+                (0..h as isize).contains(&iy).then_some(iy * w as isize)
+            });
             for l0 in (0..tw).step_by(GROUP) {
                 let col0 = cols.input(0, l0, 0);
                 // Lanes of vector `v` whose columns lie inside the row.
@@ -296,14 +301,14 @@ mod avx512 {
                     _mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(w as i32))
                 });
                 for (v, &mask) in masks.iter().enumerate() {
-                    let x: [__m512; 6] = std::array::from_fn(|r| {
-                        let iy = rows_axis.input(0, i, r);
-                        if iy < 0 || iy >= h as isize || mask == 0 {
-                            return _mm512_setzero_ps();
+                    let x: [__m512; 6] = std::array::from_fn(|r| match rows[r] {
+                        Some(row) if mask != 0 => {
+                            let at = row + col0 + 16 * v as isize;
+                            // SAFETY: the mask keeps the lanes whose columns lie in the row, a
+                            // row of the plane.
+                            unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_offset(at)) }
                         }
-                        let at = iy * w as isize + col0 + 16 * v as isize;
-                        // SAFETY: the mask keeps the lanes whose columns lie in row `iy < h`.
-                        unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_offset(at)) }
+                        _ => _mm512_setzero_ps(),
                     });
                     for (kk, y) in bt(x).into_iter().enumerate() {
                         t[kk][v] = y;
@@ -686,6 +691,13 @@ fn write_row(dst: &mut [f32], cols: &Axis, vals: [&[f32]; 4]) {
 mod tests {
     use super::*;
 
+    /// `n` values in `[-0.5, 0.5)` from a multiplicative hash of the index.
+    fn hashed(n: usize) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1 << 24) as f32 - 0.5)
+            .collect()
+    }
+
     /// The AVX-512 input transform of undilated convolutions gives the scalar form's bits, on
     /// maps of a few tiles to more than one group of tiles a row, any padding, whole maps and
     /// blocks of tile rows.
@@ -704,11 +716,7 @@ mod tests {
             (129, 129, (1, 1), (129, 129)),
         ] {
             let (rows_axis, cols) = (Axis::new(4, 1, pt, ho), Axis::new(4, 1, pl, wo));
-            let x: Vec<f32> = (0..h * w)
-                .map(|i| {
-                    ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / (1 << 24) as f32 - 0.5
-                })
-                .collect();
+            let x = hashed(h * w);
             let th = rows_axis.tiles;
             for (i0, i1) in [(0, th), (th / 2, th)] {
                 let ld = (i1 - i0) * cols.tiles + 3;
@@ -793,11 +801,7 @@ mod tests {
             return;
         }
         for cin in [1, 7, 16, 33, 64] {
-            let k: Vec<f32> = (0..9 * cin)
-                .map(|i| {
-                    ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / (1 << 24) as f32 - 0.5
-                })
-                .collect();
+            let k = hashed(9 * cin);
             let (mut taps, mut gg) = (vec![0f32; 9 * cin], vec![0f32; 18 * cin]);
             tap_major(&k, 9, &mut taps);
             let mut want = vec![0f32; 36 * cin];
