@@ -451,7 +451,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Also print where the time goes: each layer kind's share of a pass, and the costliest
-    /// individual layer shapes.
+    /// individual layer shapes (with `--train`, also the backward kernels and the SGD update).
     #[arg(long)]
     pub profile: bool,
     /// With `--profile`: how many of the costliest layer shapes to list.
@@ -1216,7 +1216,11 @@ fn cmd_bench(a: BenchArgs, inference: &Inference) -> Result<()> {
             let logits = model.forward_output(&x, true)?.upsampled;
             let loss = deeplab_ops::cross_entropy(&logits, &y, 255)?;
             let grads = loss.backward()?;
-            opt.step(&grads, 1e-4)?;
+            deeplab_ops::profile::record(
+                "sgd update",
+                || "all parameters".into(),
+                || opt.step(&grads, 1e-4),
+            )?;
             Ok(())
         };
         (cfg, Box::new(step))

@@ -102,7 +102,11 @@ impl candle_core::CustomOp1 for ActFwd {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(activation_grad(self.act, grad, res)?))
+        crate::profile::record(
+            "activation (bwd)",
+            || crate::profile::dims(res),
+            || Ok(Some(activation_grad(self.act, grad, res)?)),
+        )
     }
 }
 
@@ -401,29 +405,35 @@ impl CustomOp3 for BnTrainCpu {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.act == Activation::None {
-            return bn_train_grads(
-                x,
-                w,
-                grad,
-                &stored_mean_var(&self.stats, x.device())?,
-                self.eps,
-            );
-        }
-        // The activation's mask and the normalization's backward in one op.
-        let op = BnActBwd {
-            eps: self.eps,
-            act: self.act,
-            gamma: w.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-            stats: stored_stats(&self.stats)?,
-        };
-        let (n, c, h, wd) = x.dims4()?;
-        let total = n * c * h * wd;
-        let packed = x.apply_op3_no_bwd(&grad.contiguous()?, &res.contiguous()?, &op)?;
-        let dx = packed.narrow(0, 0, total)?.reshape((n, c, h, wd))?;
-        let dg = packed.narrow(0, total, c)?;
-        let db = packed.narrow(0, total + c, c)?;
-        Ok((Some(dx), Some(dg), Some(db)))
+        crate::profile::record(
+            "batchnorm train (bwd)",
+            || crate::profile::dims(x),
+            || {
+                if self.act == Activation::None {
+                    return bn_train_grads(
+                        x,
+                        w,
+                        grad,
+                        &stored_mean_var(&self.stats, x.device())?,
+                        self.eps,
+                    );
+                }
+                // The activation's mask and the normalization's backward in one op.
+                let op = BnActBwd {
+                    eps: self.eps,
+                    act: self.act,
+                    gamma: w.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                    stats: stored_stats(&self.stats)?,
+                };
+                let (n, c, h, wd) = x.dims4()?;
+                let total = n * c * h * wd;
+                let packed = x.apply_op3_no_bwd(&grad.contiguous()?, &res.contiguous()?, &op)?;
+                let dx = packed.narrow(0, 0, total)?.reshape((n, c, h, wd))?;
+                let dg = packed.narrow(0, total, c)?;
+                let db = packed.narrow(0, total + c, c)?;
+                Ok((Some(dx), Some(dg), Some(db)))
+            },
+        )
     }
 }
 
@@ -754,7 +764,11 @@ pub fn batch_norm_train_act(
             stats: Default::default(),
         };
         let stats = op.stats.clone();
-        let y = x32.apply_op3(&w32, &b32, op)?;
+        let y = crate::profile::record(
+            "batchnorm train",
+            || crate::profile::dims(x),
+            || x32.apply_op3(&w32, &b32, op),
+        )?;
         let mean_var = stored_mean_var(&stats, x.device())?;
         return Ok((
             y.to_dtype(dtype)?,

@@ -24,11 +24,12 @@
 //! and its backward is exact. Uncovered rows and columns get zero gradient through the crop.
 
 use crate::batch_norm::epilogue_row;
-use crate::cpu::{f32_slice, put_buf, take_buf, threads, Ptr};
+use crate::cpu::{f32_slice, image_groups, per_image, put_buf, take_buf, threads, Ptr};
 use crate::geometry::Conv2dGeometry;
 use crate::im2col::{col2im, fill_rows, im2col, tap_major, Patches};
 use crate::sgemm::{sgemm_raw, sgemm_raw_ex, RawOperand, RowEpilogue};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::cell::Cell;
 
 /// The largest patch-matrix chunk the forward pass builds at once, in f32 elements (16 MiB):
@@ -251,21 +252,23 @@ pub(crate) fn forward_f32(
             &mut out,
         )?;
     } else if pointwise {
-        for b in 0..n {
+        let dst = Ptr(out.as_mut_ptr());
+        per_image(n, |b, threads| {
             // SAFETY: `k` is the `cout x cin` row-major weight matrix, image `b` of `x` the
             // `cin x hw` row-major input, and image `b`'s `cout x hw` rows of `out` lie inside
-            // its capacity; the residual slice covers image `b`'s `cout x hw` values.
+            // its capacity (written by this call alone); the residual slice covers image `b`'s
+            // `cout x hw` values.
             unsafe {
                 sgemm_raw(
                     (cout, hw, cin),
                     (k.as_ptr(), cin),
                     (x.as_ptr().add(b * cin * hw), hw),
-                    (out.as_mut_ptr().add(b * cout * hw), hw),
+                    (dst.get().add(b * cout * hw), hw),
                     epi_at(b, 0),
-                    threads(),
+                    threads,
                 )
             }
-        }
+        });
     } else {
         // Even chunks of whole output rows, each at most CHUNK_ELEMS (or one row) of columns.
         let chunks = (kk * l).div_ceil(CHUNK_ELEMS).clamp(1, p.ho);
@@ -661,7 +664,12 @@ pub(crate) fn matmul_conv_grads(
     let dw = if w.track_op() {
         let c = cols(&x.detach())?;
         let dw = if sgemm {
-            g.apply_op2_no_bwd(&c.contiguous()?, &GradWeight)?
+            let c = c.contiguous()?;
+            crate::profile::record(
+                "conv weight grad (bwd)",
+                || format!("{cout}x{} over {n}x{}", c.dim(1).unwrap_or(0), ho * wo),
+                || g.apply_op2_no_bwd(&c, &GradWeight),
+            )?
         } else {
             let dw = g.matmul(&c.t()?)?;
             if n == 1 {
@@ -677,7 +685,12 @@ pub(crate) fn matmul_conv_grads(
     let dx = if x.track_op() {
         let w2 = w.detach().reshape((cout, cin * kh * kw))?;
         let dcols = if sgemm {
-            w2.contiguous()?.apply_op2_no_bwd(&g, &GradInput)?
+            let w2 = w2.contiguous()?;
+            crate::profile::record(
+                "conv input grad (bwd)",
+                || format!("{}x{cout} over {n}x{}", cin * kh * kw, ho * wo),
+                || w2.apply_op2_no_bwd(&g, &GradInput),
+            )?
         } else {
             w2.t()?.broadcast_left(n)?.matmul(&g)?
         };
@@ -690,7 +703,9 @@ pub(crate) fn matmul_conv_grads(
 
 /// `sum_b g_b · c_bᵀ` for `g: [n, m, l]` and `c: [n, kk, l]`: a convolution's weight gradient
 /// `[m, kk]` from the output gradient and the patch matrices, one sgemm per image accumulating
-/// into the same result (the batch sum continues each element's FMA chain).
+/// into its image group's partial sum (the batch sum continues each element's FMA chain within
+/// a group; with several workers each group is one worker's, see [`image_groups`]), the groups'
+/// sums then added in order.
 struct GradWeight;
 
 impl CustomOp2 for GradWeight {
@@ -719,26 +734,53 @@ impl CustomOp2 for GradWeight {
         if n == 0 {
             return Ok((CpuStorage::F32(vec![0f32; m * kk]), Shape::from((m, kk))));
         }
-        let mut out: Vec<f32> = Vec::with_capacity(m * kk);
-        for b in 0..n {
-            // SAFETY: image `b` of `g` is an `m x l` row-major matrix and of `c` a `kk x l`
-            // row-major one, read as the column-major `l x kk` matrix `c_bᵀ`; `out` has room
-            // for the `m x kk` result, written by the first product and accumulated into (read
-            // and written) by the others.
-            unsafe {
-                sgemm_raw_ex(
-                    (m, kk, l),
-                    RawOperand::rows(g.as_ptr().add(b * m * l), l),
-                    RawOperand::cols(c.as_ptr().add(b * kk * l), l),
-                    (out.as_mut_ptr(), kk),
-                    b > 0,
-                    None,
-                    threads(),
-                )
+        // One partial sum per image group (see `image_groups`): the first group's in `out`,
+        // the others' in `partial`, each written by its group's first product and accumulated
+        // into by the rest, then added to `out` in group order (the same bits on every run).
+        let groups = image_groups(n);
+        let threads = if groups.len() == 1 { threads() } else { 1 };
+        let size = m * kk;
+        let mut out: Vec<f32> = Vec::with_capacity(size);
+        let mut partial: Vec<f32> = Vec::with_capacity((groups.len() - 1) * size);
+        let dst = (Ptr(out.as_mut_ptr()), Ptr(partial.as_mut_ptr()));
+        groups.par_iter().enumerate().for_each(|(gi, images)| {
+            let sum = match gi {
+                0 => dst.0.get(),
+                _ => dst.1.get().wrapping_add((gi - 1) * size),
+            };
+            for b in images.clone() {
+                // SAFETY: image `b` of `g` is an `m x l` row-major matrix and of `c` a `kk x l`
+                // row-major one, read as the column-major `l x kk` matrix `c_bᵀ`; `sum` is this
+                // group's own `m x kk` block of `out` or `partial` (inside its capacity),
+                // written by the group's first product and accumulated into by the others.
+                unsafe {
+                    sgemm_raw_ex(
+                        (m, kk, l),
+                        RawOperand::rows(g.as_ptr().add(b * m * l), l),
+                        RawOperand::cols(c.as_ptr().add(b * kk * l), l),
+                        (sum, kk),
+                        b > images.start,
+                        None,
+                        threads,
+                    )
+                }
             }
+        });
+        // SAFETY: each group's first product wrote all of its block.
+        unsafe {
+            out.set_len(size);
+            partial.set_len((groups.len() - 1) * size);
         }
-        // SAFETY: the first product wrote all `m * kk` elements.
-        unsafe { out.set_len(m * kk) };
+        if !partial.is_empty() {
+            const CHUNK: usize = 1 << 14;
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+                for p in partial.chunks_exact(size) {
+                    for (o, p) in o.iter_mut().zip(&p[i * CHUNK..]) {
+                        *o += p;
+                    }
+                }
+            });
+        }
         Ok((CpuStorage::F32(out), Shape::from((m, kk))))
     }
 }
@@ -772,22 +814,23 @@ impl CustomOp2 for GradInput {
         let g = f32_slice(self.name(), gs, gl)?;
         let len = n * kk * l;
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        for b in 0..n {
+        let dst = Ptr(out.as_mut_ptr());
+        per_image(n, |b, threads| {
             // SAFETY: `w` is `m x kk` row-major, read as the column-major `kk x m` matrix
             // `wᵀ`; image `b` of `g` is `m x l` row-major; image `b`'s `kk x l` block of `out`
-            // lies inside its capacity and is only written.
+            // lies inside its capacity and is only written (by this call alone).
             unsafe {
                 sgemm_raw_ex(
                     (kk, l, m),
                     RawOperand::cols(w.as_ptr(), kk),
                     RawOperand::rows(g.as_ptr().add(b * m * l), l),
-                    (out.as_mut_ptr().add(b * kk * l), l),
+                    (dst.get().add(b * kk * l), l),
                     false,
                     None,
-                    threads(),
+                    threads,
                 )
             }
-        }
+        });
         // SAFETY: the products wrote all `len` elements (m = 0 writes zeros).
         unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from((n, kk, l))))
@@ -963,6 +1006,93 @@ mod tests {
         assert_eq!(tile(33, 18, 1, (2048, 256))?, 0);
         assert_eq!(tile(129, 1, 2, (256, 256))?, 0);
         assert_eq!(tile(129, 1, 1, (16, 256))?, 0);
+        Ok(())
+    }
+
+    /// Values in [-1, 1) from a hash of the index and a seed.
+    fn hashed(len: usize, seed: u64) -> Vec<f32> {
+        (0..len as u64)
+            .map(|i| {
+                let h = (i ^ (seed << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The per-image products of the 1x1 forward, the input gradient and the batch-summed
+    /// weight gradient against f64 sums, on pools of 1, 2 and 3 workers and batches that split
+    /// evenly, unevenly and not at all over them (images one per worker, the rest on all
+    /// workers; the weight gradient's per-group partial sums added up).
+    #[test]
+    fn per_image_products_match_plain_sums() -> Result<()> {
+        let (m, kk, l) = (20, 13, 37);
+        for workers in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(workers)
+                .build()
+                .expect("a rayon pool");
+            for n in [1, 2, 3, 5] {
+                let g = hashed(n * m * l, 1);
+                let c = hashed(n * kk * l, 2);
+                let w = hashed(m * kk, 3);
+                let dev = candle_core::Device::Cpu;
+                let (gt, ct) = (
+                    Tensor::from_slice(&g, (n, m, l), &dev)?,
+                    Tensor::from_slice(&c, (n, kk, l), &dev)?,
+                );
+                let wt = Tensor::from_slice(&w, (m, kk), &dev)?;
+                let (dw, dc, y) = pool.install(|| -> Result<_> {
+                    let y = forward_f32(
+                        (&c, &Shape::from((n, kk, l, 1))),
+                        (&w, &Shape::from((m, kk, 1, 1))),
+                        &Conv2dGeometry::same(1, 1),
+                        None,
+                        None,
+                        true,
+                    )?
+                    .0;
+                    Ok((
+                        gt.apply_op2_no_bwd(&ct, &GradWeight)?.to_vec2::<f32>()?,
+                        wt.apply_op2_no_bwd(&gt, &GradInput)?.to_vec3::<f32>()?,
+                        y,
+                    ))
+                })?;
+                let what = format!("{workers} workers, {n} images");
+                let close = |a: f32, b: f64, at: &str| {
+                    assert!(
+                        (a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{what}, {at}: {a} vs {b}"
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..kk {
+                        let want: f64 = (0..n * l)
+                            .map(|q| {
+                                let (b, p) = (q / l, q % l);
+                                g[(b * m + i) * l + p] as f64 * c[(b * kk + j) * l + p] as f64
+                            })
+                            .sum();
+                        close(dw[i][j], want, &format!("dW[{i}][{j}]"));
+                    }
+                }
+                for b in 0..n {
+                    for p in 0..l {
+                        for j in 0..kk {
+                            let want: f64 = (0..m)
+                                .map(|i| w[i * kk + j] as f64 * g[(b * m + i) * l + p] as f64)
+                                .sum();
+                            close(dc[b][j][p], want, &format!("dX[{b}][{j}][{p}]"));
+                        }
+                        for i in 0..m {
+                            let want: f64 = (0..kk)
+                                .map(|j| w[i * kk + j] as f64 * c[(b * kk + j) * l + p] as f64)
+                                .sum();
+                            close(y[(b * m + i) * l + p], want, &format!("y[{b}][{i}][{p}]"));
+                        }
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }

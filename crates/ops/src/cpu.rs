@@ -85,6 +85,37 @@ pub(crate) fn has_kernel(device: &candle_core::Device) -> bool {
     }
 }
 
+/// Runs `f(b, threads)` for every image `b` of an `n`-image batch of independent one-image
+/// products, `threads` being the workers `f`'s product may use. With `t > 1` workers and at
+/// least `t` images, the first `n / t * t` images run one per worker at a time (each product
+/// single-threaded, dealt out image by image so a worker slowed by a neighbour on the machine
+/// takes fewer), the rest one after another on all `t` workers. A single-threaded product packs
+/// each block of its `B` operand once, where a product split into `r` row jobs packs it `r`
+/// times, and needs no synchronization between its tiles.
+pub(crate) fn per_image(n: usize, f: impl Fn(usize, usize) + Sync) {
+    use rayon::prelude::*;
+    let t = threads();
+    let whole = if t > 1 { n / t * t } else { 0 };
+    (0..whole)
+        .into_par_iter()
+        .with_max_len(1)
+        .for_each(|b| f(b, 1));
+    for b in whole..n {
+        f(b, t);
+    }
+}
+
+/// The contiguous image ranges of a batch sum's partial results: `t` ranges (as even as whole
+/// images allow) when there are `t > 1` workers and at least `t` images, else one range of all
+/// `n`. Each range's sum is one worker's single-threaded work (see [`per_image`]).
+pub(crate) fn image_groups(n: usize) -> Vec<std::ops::Range<usize>> {
+    let t = threads();
+    let groups = if t > 1 && n >= t { t } else { 1 };
+    (0..groups)
+        .map(|g| g * n / groups..(g + 1) * n / groups)
+        .collect()
+}
+
 /// A pointer (or any `Copy` value holding one) handed to rayon tasks that touch disjoint parts
 /// of what it addresses; each use documents why the parts are disjoint.
 #[derive(Clone, Copy)]

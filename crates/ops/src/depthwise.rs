@@ -394,15 +394,17 @@ impl Plan {
 
     /// [`Plan::backward_weight`] for 3x3 kernels with AVX-512 intrinsics: each gradient vector
     /// is loaded once and feeds nine independent accumulators (one per tap) instead of one
-    /// latency-bound FMA chain per pass over the plane.
+    /// latency-bound FMA chain per pass over the plane. A row's last `wo % 16` columns are one
+    /// masked vector (zeros past the row), so a 21-wide plane costs two vectors per row, not
+    /// one vector and five scalar FMA chains.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn backward_weight_9_avx512(&self, buf: &[f32], g: &[f32], dk: &mut [f64]) {
         use std::arch::x86_64::*;
         let wo = self.wo;
         let body = wo / 16 * 16;
+        let rest: __mmask16 = (1u32 << (wo - body)).wrapping_sub(1) as __mmask16;
         let mut acc = [_mm512_setzero_ps(); 9];
-        let mut tail = [0f32; 9];
         // `tap_offset` is linear in the output row: the taps' offsets at row 0, plus a step.
         let base: [usize; 9] = std::array::from_fn(|t| self.tap_offset(0, t / 3, t % 3));
         let step = self.tap_offset(1, 0, 0) - self.tap_offset(0, 0, 0);
@@ -418,17 +420,23 @@ impl Plan {
                     }
                 }
             }
-            for (tail, row) in tail.iter_mut().zip(&rows) {
-                for (xa, xg) in row[body..].iter().zip(&grow[body..]) {
-                    *tail = xa.mul_add(*xg, *tail);
+            if rest != 0 {
+                // SAFETY: the mask's lanes are `body..wo`, inside `grow` and every row; masked
+                // lanes are not read.
+                unsafe {
+                    let gv = _mm512_maskz_loadu_ps(rest, grow.as_ptr().add(body));
+                    for (acc, row) in acc.iter_mut().zip(&rows) {
+                        let a = _mm512_maskz_loadu_ps(rest, row.as_ptr().add(body));
+                        *acc = _mm512_fmadd_ps(a, gv, *acc);
+                    }
                 }
             }
         }
-        for ((d, acc), tail) in dk.iter_mut().zip(&acc).zip(&tail) {
+        for (d, acc) in dk.iter_mut().zip(&acc) {
             let mut lanes = [0f32; 16];
             // SAFETY: a store of one vector into a 16-value array.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
-            *d += lanes.iter().map(|&v| v as f64).sum::<f64>() + *tail as f64;
+            *d += lanes.iter().map(|&v| v as f64).sum::<f64>();
         }
     }
 }
@@ -589,8 +597,14 @@ impl CustomOp2 for DwFwd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = depthwise_grads(x, w, grad, &self.geom, false)?;
-        Ok((Some(dx), Some(dw)))
+        crate::profile::record(
+            "depthwise (bwd)",
+            || crate::profile::dims(x),
+            || {
+                let (dx, dw) = depthwise_grads(x, w, grad, &self.geom, false)?;
+                Ok((Some(dx), Some(dw)))
+            },
+        )
     }
 }
 
@@ -892,18 +906,24 @@ impl CustomOp3 for DwFused {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The op only runs on f32 CPU tensors (`depthwise_conv2d_fused` converts other dtypes
-        // and composes candle ops on other devices). One pass each: the activation's mask, the
-        // two depthwise gradients (the input ReLU applied inside them), and the bias sum when
-        // the bias is trained.
-        let g = crate::batch_norm::activation_grad(self.act, grad, res)?;
-        let (dx, dw) = depthwise_grads(x, w, &g, &self.geom, self.input_relu)?;
-        let db = if bias.track_op() {
-            Some(g.sum((0, 2, 3))?)
-        } else {
-            None
-        };
-        Ok((Some(dx), Some(dw), db))
+        crate::profile::record(
+            "depthwise (bwd)",
+            || crate::profile::dims(x),
+            || {
+                // The op only runs on f32 CPU tensors (`depthwise_conv2d_fused` converts other dtypes
+                // and composes candle ops on other devices). One pass each: the activation's mask, the
+                // two depthwise gradients (the input ReLU applied inside them), and the bias sum when
+                // the bias is trained.
+                let g = crate::batch_norm::activation_grad(self.act, grad, res)?;
+                let (dx, dw) = depthwise_grads(x, w, &g, &self.geom, self.input_relu)?;
+                let db = if bias.track_op() {
+                    Some(g.sum((0, 2, 3))?)
+                } else {
+                    None
+                };
+                Ok((Some(dx), Some(dw), db))
+            },
+        )
     }
 }
 

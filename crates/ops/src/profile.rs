@@ -1,6 +1,7 @@
-//! An opt-in wall-clock profile of the layers' forward passes, keyed by operation and shape.
+//! An opt-in wall-clock profile of the layers' forward passes (and of the backward kernels of a
+//! training step, kinds ending in "(bwd)"), keyed by operation and shape.
 //!
-//! `deeplab bench --profile` turns it on to show where a forward pass spends its time. When
+//! `deeplab bench --profile` turns it on to show where a pass or a step spends its time. When
 //! off (the default) each instrumented call costs one relaxed atomic load. Timings are taken
 //! around synchronous CPU work; on a GPU they would measure launch time only.
 

@@ -132,12 +132,18 @@ impl CustomOp1 for ResizeFwd {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, h, w) = arg.dims4()?;
-        let op = ResizeBwd {
-            input: (h, w),
-            mode: self.mode,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+        crate::profile::record(
+            "resize (bwd)",
+            || crate::profile::dims(arg),
+            || {
+                let (_, _, h, w) = arg.dims4()?;
+                let op = ResizeBwd {
+                    input: (h, w),
+                    mode: self.mode,
+                };
+                Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+            },
+        )
     }
 }
 
