@@ -25,12 +25,12 @@
 
 use crate::common::{self, check_bn, check_hw, check_input, hw, tf_same_geometry, StrideTracker};
 use crate::{Backbone, FeatureInfo, OutputStride};
-use candle_core::{bail, Module, ModuleT, Result, Tensor};
+use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use deeplab_ops::{
-    conv2d, conv_bn_add, depthwise_conv2d, separable_epilogue, Activation, BatchNorm2d,
+    conv2d, conv_bn, conv_bn_add, depthwise_conv2d, separable_epilogue, Activation, BatchNorm2d,
     BatchNormConfig, Conv2d, Conv2dGeometry, DepthwiseConv2d, DepthwisePart, Epilogue,
-    FoldBatchNorm, MacCounter,
+    FoldBatchNorm, MacCounter, TrainConv,
 };
 use serde::{Deserialize, Serialize};
 
@@ -316,6 +316,25 @@ impl PaddedConv {
         }
     }
 
+    /// `bn(self(x))`: in training, on f32 CPU tensors, one autograd node (see
+    /// [`BatchNorm2d::forward_after`]).
+    fn forward_bn(&self, bn: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
+        let conv = self.epilogue.is_none().then(|| -> Result<_> {
+            let geom = self.geometry(hw(x)?);
+            let kind = if self.depthwise {
+                TrainConv::Depthwise {
+                    geom,
+                    input_relu: false,
+                }
+            } else {
+                TrainConv::Dense(geom)
+            };
+            Ok((&self.weight, kind))
+        });
+        let conv = conv.transpose()?;
+        bn.forward_after(x, conv, |x| self.forward(x), train)
+    }
+
     /// Folds the BatchNorm that follows into this convolution (inference).
     fn fold_bn(&mut self, bn: &mut BatchNorm2d) -> Result<()> {
         if self.epilogue.is_some() {
@@ -371,7 +390,7 @@ impl Block {
             Block::Ir(b) => (
                 &b.conv_dw,
                 &b.conv_pwl,
-                b.bn1.forward_t(&b.conv_pw.forward(x)?, train)?,
+                conv_bn(&b.conv_pw, &b.bn1, x, train)?,
                 b.skip,
             ),
         };
@@ -393,20 +412,20 @@ impl Block {
         }
         match self {
             Block::Ds(b) => {
-                let d = b.bn1.forward_t(&b.conv_dw.forward(x)?, train)?;
+                let d = b.conv_dw.forward_bn(&b.bn1, x, train)?;
                 let y = if b.skip {
                     conv_bn_add(&b.conv_pw, &b.bn2, &d, x, Activation::None, train)?
                 } else {
-                    b.bn2.forward_t(&b.conv_pw.forward(&d)?, train)?
+                    conv_bn(&b.conv_pw, &b.bn2, &d, train)?
                 };
                 Ok((y, Some(d)))
             }
             Block::Ir(b) => {
-                let d = b.bn2.forward_t(&b.conv_dw.forward(&dw_input)?, train)?;
+                let d = b.conv_dw.forward_bn(&b.bn2, &dw_input, train)?;
                 let y = if b.skip {
                     conv_bn_add(&b.conv_pwl, &b.bn3, &d, x, Activation::None, train)?
                 } else {
-                    b.bn3.forward_t(&b.conv_pwl.forward(&d)?, train)?
+                    conv_bn(&b.conv_pwl, &b.bn3, &d, train)?
                 };
                 Ok((y, Some(d)))
             }
@@ -637,9 +656,7 @@ impl MobileNetV2 {
         let Some(h) = &self.head else {
             bail!("{}: built without a classifier", self.config.name)
         };
-        let x = h
-            .bn2
-            .forward_t(&h.conv_head.forward(final_feature)?, train)?;
+        let x = conv_bn(&h.conv_head, &h.bn2, final_feature, train)?;
         h.classifier.forward(&common::global_avg_pool(&x)?)
     }
 
@@ -677,7 +694,7 @@ impl Backbone for MobileNetV2 {
 
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         check_input(x, 3, &self.config.name)?;
-        let mut x = self.bn1.forward_t(&self.conv_stem.forward(x)?, train)?;
+        let mut x = self.conv_stem.forward_bn(&self.bn1, x, train)?;
         let mut low = None;
         for (i, b) in self.blocks.iter().enumerate() {
             let (y, d) = b.forward(&x, train, i == self.tap)?;

@@ -41,11 +41,11 @@ use crate::common::{
     StrideTracker,
 };
 use crate::{Backbone, FeatureInfo, OutputStride};
-use candle_core::{bail, Module, ModuleT, Result, Tensor};
+use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use deeplab_ops::{
-    conv_bn_add, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dGeometry,
-    FoldBatchNorm, MacCounter, Padding2d,
+    conv_bn, conv_bn_add, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d,
+    Conv2dGeometry, FoldBatchNorm, MacCounter, Padding2d,
 };
 use serde::{Deserialize, Serialize};
 
@@ -185,11 +185,11 @@ impl Bottleneck {
     /// without it, in inference with the BatchNorms folded, the add and the ReLU run in
     /// conv3's epilogue.
     fn forward(&self, x: &Tensor, train: bool, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        let y = conv_bn(&self.conv1, &self.bn1, x, train)?;
+        let y = conv_bn(&self.conv2, &self.bn2, &y, train)?;
         let sc = match &self.shortcut {
             Shortcut::Identity => x.clone(),
-            Shortcut::Conv(c, b) => b.forward_t(&c.forward(x)?, train)?,
+            Shortcut::Conv(c, b) => conv_bn(c, b, x, train)?,
             Shortcut::Subsample(s) => {
                 let g = Conv2dGeometry {
                     stride: (*s, *s),
@@ -200,7 +200,7 @@ impl Bottleneck {
             }
         };
         if keep_pre {
-            let pre = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
+            let pre = conv_bn(&self.conv3, &self.bn3, &y, train)?;
             let out = Activation::Relu.apply(&(&pre + sc)?)?;
             return Ok((out, Some(pre)));
         }
@@ -493,11 +493,11 @@ impl Backbone for ResNet {
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         check_input(x, 3, &self.config.name)?;
         let mut x = match &self.stem {
-            Stem::Torchvision { conv1, bn1 } => bn1.forward_t(&conv1.forward(x)?, train)?,
+            Stem::Torchvision { conv1, bn1 } => conv_bn(conv1, bn1, x, train)?,
             Stem::Deep { convs } => {
                 let mut x = x.clone();
                 for (conv, bn) in convs {
-                    x = bn.forward_t(&conv.forward(&x)?, train)?;
+                    x = conv_bn(conv, bn, &x, train)?;
                 }
                 x
             }

@@ -343,10 +343,37 @@ fn bn_train_grads(
 /// backward). Unlike the packed output of [`BnTrainFwd`] followed by an activation op, `y`
 /// needs no narrow and reshape (whose backward passes would each add a zero-filled copy of the
 /// gradient), and the normalized values before the activation are never stored.
-struct BnTrainCpu {
+pub(crate) struct BnTrainCpu {
     eps: f64,
     act: Activation,
     stats: std::sync::Arc<std::sync::Mutex<ChannelStats>>,
+}
+
+impl BnTrainCpu {
+    /// The op for `act(bn(x))` with epsilon `eps`, no statistics stored yet.
+    pub(crate) fn new(eps: f64, act: Activation) -> Self {
+        Self {
+            eps,
+            act,
+            stats: Default::default(),
+        }
+    }
+
+    /// Where the forward pass stores the batch statistics (read them with
+    /// [`stored_mean_var_pair`]).
+    pub(crate) fn stats(&self) -> std::sync::Arc<std::sync::Mutex<ChannelStats>> {
+        self.stats.clone()
+    }
+}
+
+/// The batch mean and biased variance a [`BnTrainCpu`] forward stored, as two `[C]` tensors.
+pub(crate) fn stored_mean_var_pair(
+    stats: &std::sync::Mutex<ChannelStats>,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let mean_var = stored_mean_var(stats, device)?;
+    let c = mean_var.dim(0)? / 2;
+    Ok((mean_var.narrow(0, 0, c)?, mean_var.narrow(0, c, c)?))
 }
 
 /// The batch statistics a [`BnTrainCpu`] forward stored.
@@ -438,7 +465,7 @@ impl CustomOp3 for BnTrainCpu {
 }
 
 /// Batch `(mean, biased variance)` per channel.
-type ChannelStats = Vec<(f32, f32)>;
+pub(crate) type ChannelStats = Vec<(f32, f32)>;
 
 /// The CPU training forward of both BatchNorm ops on `(x, gamma, beta)` storages: returns
 /// `act(normalized x)` (with capacity for `spare` more values) and the batch `(mean, var)` per
@@ -758,23 +785,15 @@ pub fn batch_norm_train_act(
         bias.to_dtype(DType::F32)?.contiguous()?,
     );
     if x.device().is_cpu() {
-        let op = BnTrainCpu {
-            eps,
-            act,
-            stats: Default::default(),
-        };
-        let stats = op.stats.clone();
+        let op = BnTrainCpu::new(eps, act);
+        let stats = op.stats();
         let y = crate::profile::record(
             "batchnorm train",
             || crate::profile::dims(x),
             || x32.apply_op3(&w32, &b32, op),
         )?;
-        let mean_var = stored_mean_var(&stats, x.device())?;
-        return Ok((
-            y.to_dtype(dtype)?,
-            mean_var.narrow(0, 0, c)?,
-            mean_var.narrow(0, c, c)?,
-        ));
+        let (mean, var) = stored_mean_var_pair(&stats, x.device())?;
+        return Ok((y.to_dtype(dtype)?, mean, var));
     }
     // Other devices: one packed `[y, mean, var]` output.
     let packed = x32.apply_op3(&w32, &b32, BnTrainFwd { eps })?;
@@ -1222,6 +1241,47 @@ impl BatchNorm2d {
             ((rv.to_dtype(DType::F32)? * (1.0 - m))? + (unbiased * m)?)?.to_dtype(rv.dtype())?;
         self.running_mean.set(&new_mean)?;
         self.running_var.set(&new_var)
+    }
+}
+
+impl BatchNorm2d {
+    /// `self.forward_t(&conv(x), train)` for the convolution `conv` (its weights and kind)
+    /// before this BatchNorm: in training, on f32 CPU tensors, the convolution and this
+    /// BatchNorm (with its activation) run as one autograd node (the same values, gradients and
+    /// running-statistics update as in turn, with one activation-sized gradient buffer fewer in
+    /// the backward pass); otherwise, or when `conv` is `None`, `fallback(x)` computes the
+    /// convolution's output and this layer is applied to it.
+    pub fn forward_after(
+        &self,
+        x: &Tensor,
+        conv: Option<(&Tensor, crate::TrainConv)>,
+        fallback: impl FnOnce(&Tensor) -> Result<Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        if let (Some((w, kind)), true, false) = (conv, train, self.folded) {
+            let (n, _, h, wd) = x.dims4()?;
+            let (_, _, kh, kw) = w.dims4()?;
+            let geom = match kind {
+                crate::TrainConv::Dense(g) | crate::TrainConv::Depthwise { geom: g, .. } => g,
+            };
+            let (ho, wo) = geom.output_size((h, wd), (kh, kw))?;
+            let channels_match = w.dim(0)? == self.channels();
+            // Fewer than two values per channel: the separate layer reports it.
+            if channels_match && n * ho * wo >= 2 {
+                if let Some((y, mean, var)) = crate::conv_bn::conv_batch_norm_train(
+                    x,
+                    w,
+                    kind,
+                    (&self.weight, &self.bias),
+                    self.config.eps,
+                    self.act,
+                )? {
+                    self.update_running(&mean, &var, n * ho * wo)?;
+                    return Ok(y);
+                }
+            }
+        }
+        self.forward_t(&fallback(x)?, train)
     }
 }
 

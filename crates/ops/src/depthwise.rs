@@ -853,10 +853,10 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: &Conv2dGeometry) -> Result
 
 /// Inference forward `act(conv(input_relu ? relu(x) : x, w) + bias[c])` in one pass, on
 /// `(x, weight, bias)`.
-struct DwFused {
-    geom: Conv2dGeometry,
-    input_relu: bool,
-    act: Activation,
+pub(crate) struct DwFused {
+    pub geom: Conv2dGeometry,
+    pub input_relu: bool,
+    pub act: Activation,
 }
 
 impl CustomOp3 for DwFused {

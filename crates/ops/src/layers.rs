@@ -166,6 +166,21 @@ impl Module for Conv2d {
     }
 }
 
+impl Conv2d {
+    /// This convolution as [`BatchNorm2d::forward_after`] fuses it with the BatchNorm after it
+    /// in training: its weights and kind, when it has one group, no bias and nothing folded.
+    pub fn train_conv(&self) -> Option<(&Tensor, crate::TrainConv)> {
+        (self.groups == 1 && self.bias.is_none() && self.epilogue.is_none())
+            .then_some((&self.weight, crate::TrainConv::Dense(self.geom)))
+    }
+}
+
+/// `bn(conv(x))`: in training, on f32 CPU tensors, one autograd node (see
+/// [`BatchNorm2d::forward_after`]); the same values as `bn.forward_t(&conv.forward(x)?, train)`.
+pub fn conv_bn(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
+    bn.forward_after(x, conv.train_conv(), |x| conv.forward(x), train)
+}
+
 /// `act(bn(conv(x)) + residual)`, the tail of a residual block: in inference with `bn`
 /// folded into `conv` the add and the activation run in the convolution's epilogue
 /// ([`Conv2d::forward_add`]), otherwise as separate ops; the two agree bit for bit.
@@ -180,7 +195,7 @@ pub fn conv_bn_add(
     if bn.is_folded() && !train {
         conv.forward_add(x, residual, act)
     } else {
-        act.apply(&(bn.forward_t(&conv.forward(x)?, train)? + residual)?)
+        act.apply(&(conv_bn(conv, bn, x, train)? + residual)?)
     }
 }
 
@@ -270,6 +285,21 @@ impl DepthwiseConv2d {
                 )
             },
         )
+    }
+}
+
+impl DepthwiseConv2d {
+    /// This convolution as [`BatchNorm2d::forward_after`] fuses it with the BatchNorm after it
+    /// in training (with a ReLU on its input when `relu_input`): its weights and kind, when
+    /// nothing is folded into it.
+    pub fn train_conv(&self, relu_input: bool) -> Option<(&Tensor, crate::TrainConv)> {
+        self.epilogue.is_none().then_some((
+            &self.weight,
+            crate::TrainConv::Depthwise {
+                geom: self.geom,
+                input_relu: relu_input || self.input_relu,
+            },
+        ))
     }
 }
 
@@ -383,7 +413,7 @@ impl SeparableConv2d {
     /// Xception's decoder tap is the pointwise BN output of a specific layer.
     pub fn forward_parts(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let d = self.depthwise_part(x, train)?;
-        let p = self.bn_pw.forward_t(&self.conv_pw.forward(&d)?, train)?;
+        let p = conv_bn(&self.conv_pw, &self.bn_pw, &d, train)?;
         Ok((d, p))
     }
 
@@ -425,14 +455,20 @@ impl SeparableConv2d {
 
     /// The depthwise convolution and its BatchNorm (and activation).
     fn depthwise_part(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let dw = match self.act {
-            // once folded, the depthwise conv applies the input ReLU as it reads
-            SeparableActivation::Input if !self.bn_dw.is_folded() => {
-                self.conv_dw.forward_relu_input(x)?
-            }
-            _ => self.conv_dw.forward(x)?,
-        };
-        self.bn_dw.forward_t(&dw, train)
+        // once folded, the depthwise conv applies the input ReLU as it reads
+        let relu_input = self.act == SeparableActivation::Input && !self.bn_dw.is_folded();
+        self.bn_dw.forward_after(
+            x,
+            self.conv_dw.train_conv(relu_input),
+            |x| {
+                if relu_input {
+                    self.conv_dw.forward_relu_input(x)
+                } else {
+                    self.conv_dw.forward(x)
+                }
+            },
+            train,
+        )
     }
 
     /// Counts this layer's multiply-adds for an `input` map; returns the output size.
@@ -538,6 +574,6 @@ impl FoldBatchNorm for ConvBnAct {
 
 impl ModuleT for ConvBnAct {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
+        conv_bn(&self.conv, &self.bn, x, train)
     }
 }

@@ -31,6 +31,7 @@
 mod cpu;
 mod batch_norm;
 mod conv;
+mod conv_bn;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod depthwise;
@@ -53,11 +54,12 @@ pub use batch_norm::{
     BatchNormConfig, Epilogue,
 };
 pub use conv::conv2d;
+pub use conv_bn::TrainConv;
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_fused};
 pub use geometry::{scale_dimension, Conv2dGeometry, Padding2d};
 pub use im2col::{col2im, im2col};
 pub use layers::{
-    conv_bn_add, Conv2d, ConvBnAct, DepthwiseConv2d, FoldBatchNorm, SeparableActivation,
+    conv_bn, conv_bn_add, Conv2d, ConvBnAct, DepthwiseConv2d, FoldBatchNorm, SeparableActivation,
     SeparableConv2d, SeparableConv2dConfig,
 };
 pub use loss::cross_entropy;
