@@ -17,8 +17,11 @@
 //! (slim's `regularize_depthwise=False` in the Xception and MobileNetV2 scopes and DeepLab's
 //! `split_separable_conv2d`), depthwise kernels are not decayed unless asked.
 
-use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var,
+};
 use deeplab_backbones::BackboneConfig;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -133,26 +136,14 @@ impl Sgd {
     /// Applies one update with learning rate `lr`. Parameters without a gradient (not reached
     /// by the loss) are left alone and keep their momentum.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let m = self.config.momentum;
-        let wd = self.config.weight_decay;
         for p in &self.params {
             let w = p.var.as_tensor();
             let Some(g) = grads.get(w) else { continue };
-            // Detached: a buffer must not keep this step's autograd graph (nor, through the
-            // previous buffer, every earlier one) alive.
-            let g = g.detach().to_dtype(DType::F32)?;
-            let g = if p.decay && wd > 0.0 {
-                (g + w.to_dtype(DType::F32)?.affine(wd, 0.0)?)?
-            } else {
-                g
+            let prev = self.momentum.get(&p.name);
+            let v = match update_in_place(p, g, prev, &self.config, lr)? {
+                Some(v) => v,
+                None => update_composed(p, g, prev, &self.config, lr)?,
             };
-            let v = match self.momentum.get(&p.name) {
-                Some(prev) if m > 0.0 => (prev.affine(m, 0.0)? + g)?,
-                _ => g,
-            };
-            let v = v.detach();
-            let updated = (w.detach().to_dtype(DType::F32)? - v.affine(lr, 0.0)?)?;
-            p.var.set(&updated.to_dtype(w.dtype())?)?;
             self.momentum.insert(p.name.clone(), v);
         }
         Ok(())
@@ -182,7 +173,173 @@ impl Sgd {
                 p.var.dims()
             ));
         }
+        // A copy: the update writes the buffer in place, which must not reach the caller's
+        // tensor (or whatever it shares storage with).
+        let buffer = buffer.detach().copy().map_err(|e| e.to_string())?;
         self.momentum.insert(name.to_string(), buffer);
+        Ok(())
+    }
+}
+
+/// One parameter's update with candle ops (any device and dtype): the new weights are set into
+/// the variable; returns the new momentum buffer.
+fn update_composed(
+    p: &Param,
+    g: &Tensor,
+    prev: Option<&Tensor>,
+    config: &SgdConfig,
+    lr: f64,
+) -> Result<Tensor> {
+    let (m, wd) = (config.momentum, config.weight_decay);
+    let w = p.var.as_tensor();
+    // Detached: a buffer must not keep this step's autograd graph (nor, through the
+    // previous buffer, every earlier one) alive.
+    let g = g.detach().to_dtype(DType::F32)?;
+    let g = if p.decay && wd > 0.0 {
+        (g + w.to_dtype(DType::F32)?.affine(wd, 0.0)?)?
+    } else {
+        g
+    };
+    let v = match prev {
+        Some(prev) if m > 0.0 => (prev.affine(m, 0.0)? + g)?,
+        _ => g,
+    };
+    let v = v.detach();
+    let updated = (w.detach().to_dtype(DType::F32)? - v.affine(lr, 0.0)?)?;
+    p.var.set(&updated.to_dtype(w.dtype())?)?;
+    Ok(v)
+}
+
+/// One parameter's update as two in-place passes over contiguous f32 CPU tensors (the
+/// momentum buffer, then the weights: no temporaries; the composed update takes seven passes
+/// and as many fresh tensors), with the same arithmetic in the same order as
+/// [`update_composed`], so the same values. Returns the new momentum buffer, or `None` (nothing
+/// changed) when the tensors are not all contiguous f32 CPU tensors.
+fn update_in_place(
+    p: &Param,
+    g: &Tensor,
+    prev: Option<&Tensor>,
+    config: &SgdConfig,
+    lr: f64,
+) -> Result<Option<Tensor>> {
+    let w = p.var.as_tensor();
+    let fits = |t: &Tensor| {
+        t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == w.dims()
+    };
+    if !(fits(w) && fits(g) && prev.is_none_or(fits)) {
+        return Ok(None);
+    }
+    let momentum = config.momentum as f32;
+    let decay = (p.decay && config.weight_decay > 0.0).then_some(config.weight_decay as f32);
+    let (v, momentum) = match prev {
+        Some(prev) if config.momentum > 0.0 => (prev.clone(), Some(momentum)),
+        // The first step (or no momentum): the buffer is the decayed gradient alone.
+        _ => (w.zeros_like()?, None),
+    };
+    v.inplace_op3(&g.detach(), &w.detach(), &MomentumPass { momentum, decay })?;
+    w.inplace_op2(&v, &WeightPass { lr: lr as f32 })?;
+    Ok(Some(v))
+}
+
+/// `v = momentum * v + (g + decay * w)` in place on `v` (`momentum: None` drops the old
+/// `v`, `decay: None` the decay term), on `(v, g, w)`.
+struct MomentumPass {
+    momentum: Option<f32>,
+    decay: Option<f32>,
+}
+
+/// `w = w - lr * v` in place on `w`, on `(w, v)`.
+struct WeightPass {
+    lr: f32,
+}
+
+/// Values per parallel task of the update passes.
+const CHUNK: usize = 1 << 14;
+
+/// The contiguous f32 values of a storage.
+fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("sgd update: {what} is not a contiguous f32 tensor"),
+    }
+}
+
+/// The contiguous f32 values of a storage, writable.
+fn values_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("sgd update: {what} is not a contiguous f32 tensor"),
+    }
+}
+
+impl InplaceOp3 for MomentumPass {
+    fn name(&self) -> &'static str {
+        "sgd-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        vs: &mut CpuStorage,
+        vl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<()> {
+        let (g, w) = (values(gs, gl, "gradient")?, values(ws, wl, "weight")?);
+        let v = values_mut(vs, vl, "momentum buffer")?;
+        if g.len() != v.len() || w.len() != v.len() {
+            candle_core::bail!(
+                "sgd update: buffer {:?}, gradient {:?}, weight {:?}",
+                vl.dims(),
+                gl.dims(),
+                wl.dims()
+            )
+        }
+        let (momentum, decay) = (self.momentum, self.decay);
+        v.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(w.par_chunks(CHUNK)))
+            .for_each(|(v, (g, w))| {
+                for ((v, g), w) in v.iter_mut().zip(g).zip(w) {
+                    let g = match decay {
+                        Some(d) => g + w * d,
+                        None => *g,
+                    };
+                    *v = match momentum {
+                        Some(m) => *v * m + g,
+                        None => g,
+                    };
+                }
+            });
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for WeightPass {
+    fn name(&self) -> &'static str {
+        "sgd-weights"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &mut CpuStorage,
+        wl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        let v = values(vs, vl, "momentum buffer")?;
+        let w = values_mut(ws, wl, "weight")?;
+        if v.len() != w.len() {
+            candle_core::bail!("sgd update: weight {:?}, buffer {:?}", wl.dims(), vl.dims())
+        }
+        let lr = self.lr;
+        w.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|(w, v)| {
+                for (w, v) in w.iter_mut().zip(v) {
+                    *w -= v * lr;
+                }
+            });
         Ok(())
     }
 }
@@ -213,6 +370,67 @@ mod tests {
         assert!(!is_decayed("aspp.project.bn.weight", &[256], false));
         assert!(!is_decayed("classifier.bias", &[21], false));
         assert!(!is_decayed("aspp.project.bn.running_var", &[256], false));
+    }
+
+    /// The two-pass in-place update against the composed candle-op update, bit for bit, over
+    /// three steps: decayed and undecayed parameters, the first step (no buffer yet), and a
+    /// momentum of zero.
+    #[test]
+    fn in_place_update_matches_the_composed_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let values = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        for momentum in [0.9, 0.0] {
+            let cfg = SgdConfig {
+                momentum,
+                weight_decay: 4e-5,
+                decay_depthwise: false,
+            };
+            for decay in [true, false] {
+                let start = Tensor::from_vec(values(70_000, 1), (700, 100), &dev)?;
+                let (a, b) = (Var::from_tensor(&start)?, Var::from_tensor(&start)?);
+                let pa = Param {
+                    name: "a".into(),
+                    var: a.clone(),
+                    decay,
+                };
+                let pb = Param {
+                    var: b.clone(),
+                    ..pa.clone()
+                };
+                let (mut va, mut vb): (Option<Tensor>, Option<Tensor>) = (None, None);
+                for step in 0..3u32 {
+                    let g = Tensor::from_vec(values(70_000, 7 + step), (700, 100), &dev)?;
+                    let lr = 0.01 / (step + 1) as f64;
+                    let v = update_in_place(&pa, &g, va.as_ref(), &cfg, lr)?;
+                    va = Some(v.expect("contiguous f32 CPU tensors take the in-place update"));
+                    vb = Some(update_composed(&pb, &g, vb.as_ref(), &cfg, lr)?);
+                    for (x, y, what) in [
+                        (a.as_tensor(), b.as_tensor(), "weights"),
+                        (va.as_ref().unwrap(), vb.as_ref().unwrap(), "momentum"),
+                    ] {
+                        let (x, y) = (
+                            x.flatten_all()?.to_vec1::<f32>()?,
+                            y.flatten_all()?.to_vec1::<f32>()?,
+                        );
+                        assert!(
+                            x == y,
+                            "{what}, step {step}, momentum {momentum}, decay {decay}"
+                        );
+                    }
+                }
+                // The weights moved.
+                let moved = (a.as_tensor() - &start)?
+                    .abs()?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
+                assert!(moved > 0.0);
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -172,23 +172,31 @@ impl CustomOp1 for ResizeBwd {
         let (h, w) = self.input;
         let ty = taps(h, ho, self.mode);
         let tx = taps(w, wo, self.mode);
+        // Separably: each output row's gradient is first spread over one input-width row (two
+        // scattered adds per value, into a row that stays in L1), which is then added to its
+        // two input rows with their weights (whole-row passes that vectorize), instead of four
+        // scattered read-modify-writes per value across the plane.
         let mut out = vec![0f32; n * c * h * w];
-        out.par_chunks_mut(h * w)
-            .enumerate()
-            .for_each(|(plane, dx)| {
+        out.par_chunks_mut(h * w).enumerate().for_each_init(
+            || vec![0f32; w],
+            |row, (plane, dx)| {
                 let gp = &g[plane * ho * wo..(plane + 1) * ho * wo];
-                for (oy, t) in ty.iter().enumerate() {
-                    let grow = &gp[oy * wo..(oy + 1) * wo];
-                    for (gv, tc) in grow.iter().zip(&tx) {
-                        let top = gv * (1.0 - t.l);
-                        let bot = gv * t.l;
-                        dx[t.i0 * w + tc.i0] += top * (1.0 - tc.l);
-                        dx[t.i0 * w + tc.i1] += top * tc.l;
-                        dx[t.i1 * w + tc.i0] += bot * (1.0 - tc.l);
-                        dx[t.i1 * w + tc.i1] += bot * tc.l;
+                multiversion!(|| {
+                    for (oy, t) in ty.iter().enumerate() {
+                        row.fill(0.0);
+                        for (gv, tc) in gp[oy * wo..(oy + 1) * wo].iter().zip(&tx) {
+                            row[tc.i0] += gv * (1.0 - tc.l);
+                            row[tc.i1] += gv * tc.l;
+                        }
+                        for (i, f) in [(t.i0, 1.0 - t.l), (t.i1, t.l)] {
+                            for (d, r) in dx[i * w..(i + 1) * w].iter_mut().zip(row.iter()) {
+                                *d += r * f;
+                            }
+                        }
                     }
-                }
-            });
+                })
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }
 
