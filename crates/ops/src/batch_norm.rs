@@ -41,18 +41,9 @@ impl Activation {
         }
     }
 
-    /// Whether the activation passes the gradient at output value `y`.
-    #[inline(always)]
-    fn passes(self, y: f32) -> bool {
-        match self {
-            Activation::None => true,
-            Activation::Relu => y > 0.0,
-            Activation::Relu6 => y > 0.0 && y < 6.0,
-        }
-    }
-
-    /// [`Activation::passes`] for ReLU and ReLU6 as bounds: the gradient passes where
-    /// `lo < y` and not `y >= hi` (a NaN `hi` is no upper bound). Two compares with no match
+    /// Where the activation passes the gradient, as bounds on its output `y`: where `lo < y`
+    /// and not `y >= hi` (a NaN `hi` is no upper bound; ReLU passes `y > 0`, ReLU6
+    /// `0 < y < 6`). Two compares with no match
     /// on the activation, so loops that gate by it vectorize.
     #[inline(always)]
     fn pass_bounds(self) -> (f32, f32) {
@@ -74,6 +65,37 @@ impl Activation {
     }
 }
 
+/// Whether the gradient passes an activation at its output `y`, for the activation's
+/// [`Activation::pass_bounds`].
+#[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(y >= NaN)` is the intended "no bound"
+fn passes(y: f32, (lo, hi): (f32, f32)) -> bool {
+    y > lo && !(y >= hi)
+}
+
+/// `$body` with `$f` bound to `$act`'s function as a closure: the `match` on the activation
+/// sits outside the loops in `$body` (one copy of them per activation), so they vectorize; a
+/// `match` on an activation read inside a loop (through a captured reference the stores may
+/// alias) kept BatchNorm's normalize pass scalar.
+macro_rules! with_activation {
+    ($act:expr, |$f:ident| $body:expr) => {
+        match $act {
+            Activation::None => {
+                let $f = |v: f32| v;
+                $body
+            }
+            Activation::Relu => {
+                let $f = |v: f32| v.max(0.0);
+                $body
+            }
+            Activation::Relu6 => {
+                let $f = |v: f32| v.clamp(0.0, 6.0);
+                $body
+            }
+        }
+    };
+}
+
 /// Forward of an activation on an f32 CPU tensor (one pass); backward: [`ActBwd`].
 struct ActFwd {
     act: Activation,
@@ -92,9 +114,11 @@ impl candle_core::CustomOp1 for ActFwd {
             .par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
             .for_each(|(o, x)| {
-                multiversion!(|| o.iter_mut().zip(x).for_each(|(o, v)| {
-                    o.write(act.scalar(*v));
-                }))
+                with_activation!(act, |f| multiversion!(|| o.iter_mut().zip(x).for_each(
+                    |(o, v)| {
+                        o.write(f(*v));
+                    }
+                )))
             });
         // SAFETY: the chunks cover the output; every element was written.
         unsafe { out.set_len(x.len()) };
@@ -153,9 +177,10 @@ impl candle_core::CustomOp2 for ActBwd {
             .par_chunks_mut(1 << 14)
             .zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
             .for_each(|(o, (g, y))| {
+                let bounds = act.pass_bounds();
                 multiversion!(
                     || o.iter_mut().zip(g.iter().zip(y)).for_each(|(o, (g, y))| {
-                        o.write(if act.passes(*y) { *g } else { 0.0 });
+                        o.write(if passes(*y, bounds) { *g } else { 0.0 });
                     })
                 )
             });
@@ -519,11 +544,11 @@ fn normalize(
             let scale = g[ch] * inv;
             let shift = b[ch] - m * scale;
             let xp = &x[plane * hw..(plane + 1) * hw];
-            multiversion!(|| {
+            with_activation!(act, |f| multiversion!(|| {
                 for (o, v) in yp.iter_mut().zip(xp) {
-                    o.write(act.scalar(v.mul_add(scale, shift)));
+                    o.write(f(v.mul_add(scale, shift)));
                 }
-            })
+            }))
         });
 }
 
@@ -598,9 +623,8 @@ fn bn_bwd_cpu<const MASK: bool>(
     let m = (n * hw) as f64;
     // The gradient reaching the normalization.
     #[inline(always)]
-    #[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(y >= NaN)` is the intended "no bound"
-    fn gate<const MASK: bool>(g: f32, y: f32, (lo, hi): (f32, f32)) -> f32 {
-        if !MASK || (y > lo && !(y >= hi)) {
+    fn gate<const MASK: bool>(g: f32, y: f32, bounds: (f32, f32)) -> f32 {
+        if !MASK || passes(y, bounds) {
             g
         } else {
             0.0
@@ -920,10 +944,10 @@ pub(crate) fn epilogue_row(
                 .iter_mut()
                 .for_each(|v| *v = v.mul_add(s, t).clamp(0.0, 6.0)),
         },
-        Some(r) => row
+        Some(r) => with_activation!(act, |f| row
             .iter_mut()
             .zip(r)
-            .for_each(|(v, r)| *v = act.scalar(v.mul_add(s, t) + r)),
+            .for_each(|(v, r)| *v = f(v.mul_add(s, t) + r))),
     }
 }
 

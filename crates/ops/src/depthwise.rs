@@ -234,6 +234,35 @@ impl Plan {
                 continue;
             };
             let row = &mut dst[iy * self.w..(iy + 1) * self.w];
+            if self.sx == 2 {
+                // `fill`'s layout: input column 2m sits in phase `pl % 2` at m + pl / 2, column
+                // 2m + 1 in the other phase at m + (pl + 1) / 2; columns past the scratch were
+                // never read and get nothing. Pairs of columns from the two phases, a loop
+                // that vectorizes (the generic one below is a strided scalar loop).
+                let (qe, qo) = (self.pl / 2, self.pl.div_ceil(2));
+                let ne = self.w.div_ceil(2).min(self.wq.saturating_sub(qe));
+                let no = (self.w / 2).min(self.wq.saturating_sub(qo));
+                let (p0, p1) = buf[r * 2 * self.wq..(r + 1) * 2 * self.wq].split_at(self.wq);
+                let (se, so) = if self.pl.is_multiple_of(2) {
+                    (p0, p1)
+                } else {
+                    (p1, p0)
+                };
+                // `no <= ne` (fewer odd columns, and the odd phase starts no earlier).
+                let (pairs, _) = row.split_at_mut(2 * no);
+                for ((pair, a), b) in pairs
+                    .chunks_exact_mut(2)
+                    .zip(&se[qe..qe + no])
+                    .zip(&so[qo..qo + no])
+                {
+                    pair[0] += a;
+                    pair[1] += b;
+                }
+                for m in no..ne {
+                    row[2 * m] += se[qe + m];
+                }
+                continue;
+            }
             for ph in 0..self.sx {
                 let src = &buf[(r * self.sx + ph) * self.wq..(r * self.sx + ph + 1) * self.wq];
                 for (q, s) in src.iter().enumerate() {
