@@ -759,33 +759,27 @@ impl CustomOp2 for GradWeight {
                     g.as_ptr().wrapping_add(b * m * l),
                     c.as_ptr().wrapping_add(b * kk * l),
                 );
+                // `g_b · c_bᵀ` (`m x kk`), or transposed `c_b · g_bᵀ` (`kk x m`).
+                let (dims, a, bop, ldc) = if transposed {
+                    (
+                        (kk, m, l),
+                        RawOperand::rows(cb, l),
+                        RawOperand::cols(gb, l),
+                        m,
+                    )
+                } else {
+                    (
+                        (m, kk, l),
+                        RawOperand::rows(gb, l),
+                        RawOperand::cols(cb, l),
+                        kk,
+                    )
+                };
                 // SAFETY: image `b` of `g` is an `m x l` row-major matrix and of `c` a `kk x l`
                 // row-major one (each also read as the column-major transpose); `sum` is this
                 // group's own `m * kk` block of `out` or `partial` (inside its capacity),
                 // written by the group's first product and accumulated into by the others.
-                unsafe {
-                    if transposed {
-                        sgemm_raw_ex(
-                            (kk, m, l),
-                            RawOperand::rows(cb, l),
-                            RawOperand::cols(gb, l),
-                            (sum, m),
-                            b > images.start,
-                            None,
-                            threads,
-                        )
-                    } else {
-                        sgemm_raw_ex(
-                            (m, kk, l),
-                            RawOperand::rows(gb, l),
-                            RawOperand::cols(cb, l),
-                            (sum, kk),
-                            b > images.start,
-                            None,
-                            threads,
-                        )
-                    }
-                }
+                unsafe { sgemm_raw_ex(dims, a, bop, (sum, ldc), b > images.start, None, threads) }
             }
         });
         // SAFETY: each group's first product wrote all of its block.

@@ -189,11 +189,7 @@ impl Plan {
             let row = &src[(r - self.pt) * self.w..(r - self.pt + 1) * self.w];
             #[cfg(target_arch = "x86_64")]
             if self.sx == 2 && crate::cpu::has_avx512() {
-                // Input column 2m lands in phase `pl % 2` at m + pl / 2, column 2m + 1 in the
-                // other phase at m + (pl + 1) / 2.
-                let (qe, qo) = (self.pl / 2, self.pl.div_ceil(2));
-                let ne = self.w.div_ceil(2).min(self.wq.saturating_sub(qe));
-                let no = (self.w / 2).min(self.wq.saturating_sub(qo));
+                let (qe, qo, ne, no) = self.phases2();
                 let (p0, p1) = buf[r * 2 * self.wq..(r + 1) * 2 * self.wq].split_at_mut(self.wq);
                 let (de, dodd) = if self.pl.is_multiple_of(2) {
                     (p0, p1)
@@ -225,6 +221,17 @@ impl Plan {
         }
     }
 
+    /// Where a stride-2 scratch row keeps its input row (see `fill`): input column 2m sits in
+    /// phase `pl % 2` at `qe + m`, column 2m + 1 in the other phase at `qo + m`, for the `ne`
+    /// even and `no` odd columns that fit the scratch: `(qe, qo, ne, no)`.
+    #[inline(always)]
+    fn phases2(&self) -> (usize, usize, usize, usize) {
+        let (qe, qo) = (self.pl / 2, self.pl.div_ceil(2));
+        let ne = self.w.div_ceil(2).min(self.wq.saturating_sub(qe));
+        let no = (self.w / 2).min(self.wq.saturating_sub(qo));
+        (qe, qo, ne, no)
+    }
+
     /// The inverse of `fill`: accumulates the scratch (a gradient w.r.t. the padded input) into
     /// one input plane.
     #[inline(always)]
@@ -235,13 +242,10 @@ impl Plan {
             };
             let row = &mut dst[iy * self.w..(iy + 1) * self.w];
             if self.sx == 2 {
-                // `fill`'s layout: input column 2m sits in phase `pl % 2` at m + pl / 2, column
-                // 2m + 1 in the other phase at m + (pl + 1) / 2; columns past the scratch were
-                // never read and get nothing. Pairs of columns from the two phases, a loop
-                // that vectorizes (the generic one below is a strided scalar loop).
-                let (qe, qo) = (self.pl / 2, self.pl.div_ceil(2));
-                let ne = self.w.div_ceil(2).min(self.wq.saturating_sub(qe));
-                let no = (self.w / 2).min(self.wq.saturating_sub(qo));
+                // `fill`'s layout (`phases2`); columns past the scratch were never read and get
+                // nothing. Pairs of columns from the two phases, a loop that vectorizes (the
+                // generic one below is a strided scalar loop).
+                let (qe, qo, ne, no) = self.phases2();
                 let (p0, p1) = buf[r * 2 * self.wq..(r + 1) * 2 * self.wq].split_at(self.wq);
                 let (se, so) = if self.pl.is_multiple_of(2) {
                     (p0, p1)
