@@ -319,7 +319,7 @@ impl PaddedConv {
     /// `bn(self(x))`: in training, on f32 CPU tensors, one autograd node (see
     /// [`BatchNorm2d::forward_after`]).
     fn forward_bn(&self, bn: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
-        let conv = self.epilogue.is_none().then(|| -> Result<_> {
+        let conv = if self.epilogue.is_none() {
             let geom = self.geometry(hw(x)?);
             let kind = if self.depthwise {
                 TrainConv::Depthwise {
@@ -329,9 +329,10 @@ impl PaddedConv {
             } else {
                 TrainConv::Dense(geom)
             };
-            Ok((&self.weight, kind))
-        });
-        let conv = conv.transpose()?;
+            Some((&self.weight, kind))
+        } else {
+            None
+        };
         bn.forward_after(x, conv, |x| self.forward(x), train)
     }
 

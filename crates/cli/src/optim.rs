@@ -229,10 +229,9 @@ fn update_in_place(
     if !(fits(w) && fits(g) && prev.is_none_or(fits)) {
         return Ok(None);
     }
-    let momentum = config.momentum as f32;
     let decay = (p.decay && config.weight_decay > 0.0).then_some(config.weight_decay as f32);
     let (v, momentum) = match prev {
-        Some(prev) if config.momentum > 0.0 => (prev.clone(), Some(momentum)),
+        Some(prev) if config.momentum > 0.0 => (prev.clone(), Some(config.momentum as f32)),
         // The first step (or no momentum): the buffer is the decayed gradient alone.
         _ => (w.zeros_like()?, None),
     };
@@ -378,11 +377,7 @@ mod tests {
     #[test]
     fn in_place_update_matches_the_composed_one() -> Result<()> {
         let dev = Device::Cpu;
-        let values = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n as u32)
-                .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-                .collect()
-        };
+        let uniform = deeplab_ops::reference::seeded_uniform;
         for momentum in [0.9, 0.0] {
             let cfg = SgdConfig {
                 momentum,
@@ -390,7 +385,7 @@ mod tests {
                 decay_depthwise: false,
             };
             for decay in [true, false] {
-                let start = Tensor::from_vec(values(70_000, 1), (700, 100), &dev)?;
+                let start = uniform(&[700, 100], 1, &dev)?;
                 let (a, b) = (Var::from_tensor(&start)?, Var::from_tensor(&start)?);
                 let pa = Param {
                     name: "a".into(),
@@ -403,7 +398,7 @@ mod tests {
                 };
                 let (mut va, mut vb): (Option<Tensor>, Option<Tensor>) = (None, None);
                 for step in 0..3u32 {
-                    let g = Tensor::from_vec(values(70_000, 7 + step), (700, 100), &dev)?;
+                    let g = uniform(&[700, 100], 7 + step as u64, &dev)?;
                     let lr = 0.01 / (step + 1) as f64;
                     let v = update_in_place(&pa, &g, va.as_ref(), &cfg, lr)?;
                     va = Some(v.expect("contiguous f32 CPU tensors take the in-place update"));

@@ -1285,10 +1285,7 @@ impl BatchNorm2d {
         if let (Some((w, kind)), true, false) = (conv, train, self.folded) {
             let (n, _, h, wd) = x.dims4()?;
             let (_, _, kh, kw) = w.dims4()?;
-            let geom = match kind {
-                crate::TrainConv::Dense(g) | crate::TrainConv::Depthwise { geom: g, .. } => g,
-            };
-            let (ho, wo) = geom.output_size((h, wd), (kh, kw))?;
+            let (ho, wo) = kind.geom().output_size((h, wd), (kh, kw))?;
             let channels_match = w.dim(0)? == self.channels();
             // Fewer than two values per channel: the separate layer reports it.
             if channels_match && n * ho * wo >= 2 {

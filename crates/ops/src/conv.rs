@@ -1055,16 +1055,6 @@ mod tests {
         Ok(())
     }
 
-    /// Values in [-1, 1) from a hash of the index and a seed.
-    fn hashed(len: usize, seed: u64) -> Vec<f32> {
-        (0..len as u64)
-            .map(|i| {
-                let h = (i ^ (seed << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     /// The per-image products of the 1x1 forward, the input gradient and the batch-summed
     /// weight gradient against f64 sums, on pools of 1, 2 and 3 workers and batches that split
     /// evenly, unevenly and not at all over them (images one per worker, the rest on all
@@ -1078,15 +1068,13 @@ mod tests {
                     .build()
                     .expect("a rayon pool");
                 for n in [1, 2, 3, 5] {
-                    let g = hashed(n * m * l, 1);
-                    let c = hashed(n * kk * l, 2);
-                    let w = hashed(m * kk, 3);
                     let dev = candle_core::Device::Cpu;
-                    let (gt, ct) = (
-                        Tensor::from_slice(&g, (n, m, l), &dev)?,
-                        Tensor::from_slice(&c, (n, kk, l), &dev)?,
-                    );
-                    let wt = Tensor::from_slice(&w, (m, kk), &dev)?;
+                    let uniform = crate::reference::seeded_uniform;
+                    let gt = uniform(&[n, m, l], 1, &dev)?;
+                    let ct = uniform(&[n, kk, l], 2, &dev)?;
+                    let wt = uniform(&[m, kk], 3, &dev)?;
+                    let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                    let (g, c, w) = (values(&gt)?, values(&ct)?, values(&wt)?);
                     let (dw, dc, y) = pool.install(|| -> Result<_> {
                         let y = forward_f32(
                             (&c, &Shape::from((n, kk, l, 1))),

@@ -35,6 +35,15 @@ pub enum TrainConv {
     },
 }
 
+impl TrainConv {
+    /// Stride, dilation and padding.
+    pub fn geom(&self) -> Conv2dGeometry {
+        match *self {
+            TrainConv::Dense(geom) | TrainConv::Depthwise { geom, .. } => geom,
+        }
+    }
+}
+
 /// The convolution half of [`ConvBnTrain`]: the existing ops, forward and backward.
 enum Producer {
     Gemm(ConvGemm),
@@ -69,33 +78,11 @@ impl Producer {
 
     /// The profile detail of the forward pass (as the separate layers record it).
     fn detail(&self, xl: &Layout, wl: &Layout) -> String {
-        let dims = |l: &Layout| {
-            l.dims()
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join("x")
-        };
         match self {
-            Producer::Gemm(op) => {
-                let (g, w) = (op.geom, wl.dims());
-                format!(
-                    "{}x{} s{} d{} {} -> {}",
-                    w[2],
-                    w[3],
-                    g.stride.0,
-                    g.dilation.0,
-                    dims(xl),
-                    w[0]
-                )
+            Producer::Gemm(op) => crate::profile::conv_detail(xl.dims(), wl.dims(), &op.geom),
+            Producer::Depthwise(op) => {
+                crate::profile::depthwise_detail(xl.dims(), &op.geom, op.input_relu)
             }
-            Producer::Depthwise(op) => format!(
-                "s{} d{} {}{}",
-                op.geom.stride.0,
-                op.geom.dilation.0,
-                if op.input_relu { "relu-in " } else { "" },
-                dims(xl)
-            ),
         }
     }
 
@@ -162,10 +149,7 @@ impl CustomOp3 for ConvBnTrain {
         let cl = Layout::contiguous(c);
         let (y, y_shape) = crate::profile::record(
             "batchnorm train",
-            || {
-                let d = shape.dims();
-                format!("{}x{}x{}x{}", d[0], d[1], d[2], d[3])
-            },
+            || crate::profile::shape(shape.dims()),
             || {
                 self.bn
                     .cpu_fwd(&z, &Layout::contiguous(&shape), &gamma, &cl, &beta, &cl)
@@ -293,16 +277,9 @@ mod tests {
     use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
     use candle_nn::{VarBuilder, VarMap};
 
-    /// Values in [-2, 2) from a hash of the index and a seed.
+    /// A seeded uniform tensor in [-2, 2).
     fn hashed(dims: &[usize], seed: u64) -> Result<Tensor> {
-        let len: usize = dims.iter().product();
-        let v: Vec<f32> = (0..len as u64)
-            .map(|i| {
-                let h = (i ^ (seed << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                ((h >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
-            .collect();
-        Tensor::from_vec(v, dims, &Device::Cpu)
+        crate::reference::seeded_uniform(dims, seed, &Device::Cpu)? * 2.0
     }
 
     /// Every element of `a` equals `b`'s (an exact match: the same kernels in the same order).

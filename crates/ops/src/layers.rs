@@ -266,14 +266,7 @@ impl DepthwiseConv2d {
         }
         crate::profile::record(
             "depthwise",
-            || {
-                format!(
-                    "s{} d{} relu-in {}",
-                    self.geom.stride.0,
-                    self.geom.dilation.0,
-                    crate::profile::dims(x)
-                )
-            },
+            || crate::profile::depthwise_detail(x.dims(), &self.geom, true),
             || {
                 crate::depthwise::depthwise_conv2d_fused(
                     x,
@@ -315,14 +308,7 @@ impl Module for DepthwiseConv2d {
         };
         crate::profile::record(
             "depthwise",
-            || {
-                format!(
-                    "s{} d{} {}",
-                    self.geom.stride.0,
-                    self.geom.dilation.0,
-                    crate::profile::dims(&x)
-                )
-            },
+            || crate::profile::depthwise_detail(x.dims(), &self.geom, false),
             || crate::depthwise::depthwise_conv2d(&x, &self.weight, &self.geom),
         )
     }

@@ -54,7 +54,7 @@ pub fn record<T>(kind: &str, detail: impl FnOnce() -> String, f: impl FnOnce() -
 }
 
 /// [`record`] for a convolution `x * w`: kind `kinds[0]` for a 1x1 kernel, `kinds[1]` for any
-/// other, detail `"{kh}x{kw} s{stride} d{dilation} {x dims} -> {cout}"`.
+/// other, detail [`conv_detail`].
 pub fn record_conv<T>(
     kinds: [&str; 2],
     x: &candle_core::Tensor,
@@ -62,28 +62,49 @@ pub fn record_conv<T>(
     geom: &crate::Conv2dGeometry,
     f: impl FnOnce() -> T,
 ) -> T {
-    let (cout, kh, kw) = match w.dims() {
+    let one = matches!(w.dims(), &[_, _, 1, 1]);
+    record(
+        if one { kinds[0] } else { kinds[1] },
+        || conv_detail(x.dims(), w.dims(), geom),
+        f,
+    )
+}
+
+/// The detail of a convolution of an input shaped `x` with weights shaped `w`
+/// (`[cout, cin, kh, kw]`): `"{kh}x{kw} s{stride} d{dilation} {x dims} -> {cout}"`.
+pub fn conv_detail(x: &[usize], w: &[usize], geom: &crate::Conv2dGeometry) -> String {
+    let (cout, kh, kw) = match w {
         &[cout, _, kh, kw] => (cout, kh, kw),
         _ => (0, 0, 0),
     };
-    record(
-        if kh * kw == 1 { kinds[0] } else { kinds[1] },
-        || {
-            format!(
-                "{kh}x{kw} s{} d{} {} -> {cout}",
-                geom.stride.0,
-                geom.dilation.0,
-                dims(x)
-            )
-        },
-        f,
+    format!(
+        "{kh}x{kw} s{} d{} {} -> {cout}",
+        geom.stride.0,
+        geom.dilation.0,
+        shape(x)
+    )
+}
+
+/// The detail of a depthwise convolution of an input shaped `x`:
+/// `"s{stride} d{dilation} [relu-in ]{x dims}"` (`relu-in` when it applies a ReLU to its input).
+pub fn depthwise_detail(x: &[usize], geom: &crate::Conv2dGeometry, relu_input: bool) -> String {
+    format!(
+        "s{} d{} {}{}",
+        geom.stride.0,
+        geom.dilation.0,
+        if relu_input { "relu-in " } else { "" },
+        shape(x)
     )
 }
 
 /// `"{n}x{c}x{h}x{w}"` of a tensor's dims (for `record`'s details).
 pub fn dims(t: &candle_core::Tensor) -> String {
-    t.dims()
-        .iter()
+    shape(t.dims())
+}
+
+/// `"{n}x{c}x{h}x{w}"` of a shape (for `record`'s details).
+pub fn shape(dims: &[usize]) -> String {
+    dims.iter()
         .map(|d| d.to_string())
         .collect::<Vec<_>>()
         .join("x")
