@@ -82,8 +82,9 @@ def main():
     for name in names:
         flags, peer_model, desc = table[name]
         res = {}  # runtime -> list of dicts per round (keys: lat, thr, rss)
-        tmp = tempfile.mkdtemp()
-        onnx = os.path.join(tmp, f"{name}.onnx")
+        # The exported model lives only as long as this model's rounds.
+        tmpdir = tempfile.TemporaryDirectory(prefix="deeplab-e2e-")
+        onnx = os.path.join(tmpdir.name, f"{name}.onnx")
         runtimes = ["ours", "eager", "channels_last"]
         if not a.train and not a.no_onnx:
             subprocess.run(peer + ["--model", peer_model, "--size", str(a.size),
@@ -152,6 +153,7 @@ def main():
                       f"{2 * gmacs / m['lat']:.0f} |")
             print(f"ours / matmul-bound: {ours['lat'] / bound:.2f}")
         sys.stdout.flush()
+        tmpdir.cleanup()
 
 
 def label(rt):
