@@ -64,7 +64,7 @@ __device__ float block_sum(float v, float* shared) {
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   int nw = (blockDim.x + 31) >> 5;
-  v = (threadIdx.x < nw) ? shared[threadIdx.x] : 0.f;
+  v = ((int)threadIdx.x < nw) ? shared[threadIdx.x] : 0.f;
   if (warp == 0)
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
   __syncthreads();

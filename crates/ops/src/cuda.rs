@@ -2,6 +2,7 @@
 
 use crate::batch_norm::Activation;
 use crate::geometry::Conv2dGeometry;
+use crate::kernel_abi::{activation, grid_blocks, resize_mode, Geom, BLOCK};
 use crate::resize::ResizeMode;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -11,52 +12,8 @@ use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/deeplab_ops.ptx"));
 const MODULE: &str = "deeplab_ops";
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Geom {
-    n: i32,
-    c: i32,
-    h: i32,
-    w: i32,
-    ho: i32,
-    wo: i32,
-    kh: i32,
-    kw: i32,
-    sy: i32,
-    sx: i32,
-    dy: i32,
-    dx: i32,
-    pt: i32,
-    pl: i32,
-}
-
-// SAFETY: plain-old-data struct with the same C layout as `Geom` in the kernel source.
+// SAFETY: `Geom` is `repr(C)` plain old data, laid out as `struct Geom` in the kernel source.
 unsafe impl DeviceRepr for Geom {}
-
-fn geom(
-    dims: (usize, usize, usize, usize),
-    out: (usize, usize),
-    k: (usize, usize),
-    g: &Conv2dGeometry,
-) -> Geom {
-    let i = |v: usize| v as i32;
-    Geom {
-        n: i(dims.0),
-        c: i(dims.1),
-        h: i(dims.2),
-        w: i(dims.3),
-        ho: i(out.0),
-        wo: i(out.1),
-        kh: i(k.0),
-        kw: i(k.1),
-        sy: i(g.stride.0),
-        sx: i(g.stride.1),
-        dy: i(g.dilation.0),
-        dx: i(g.dilation.1),
-        pt: i(g.padding.top),
-        pl: i(g.padding.left),
-    }
-}
 
 fn slice<'a>(
     s: &'a CudaStorage,
@@ -71,19 +28,16 @@ fn slice<'a>(
     Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
 }
 
+/// A grid-stride launch over `total` elements.
 fn grid(total: usize) -> LaunchConfig {
-    let blocks = total.div_ceil(256).clamp(1, 65_535) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    blocks(grid_blocks(total) as usize)
 }
 
+/// `n` blocks of [`BLOCK`] threads.
 fn blocks(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -103,7 +57,7 @@ pub(crate) fn depthwise_fwd(
     let d = dev(xs);
     let dims = xl.shape().dims4()?;
     let (_, _, kh, kw) = wl.shape().dims4()?;
-    let gm = geom(dims, out, (kh, kw), g);
+    let gm = Geom::new(dims, out, (kh, kw), g);
     let total = dims.0 * dims.1 * out.0 * out.1;
     let (x, k) = (slice(xs, xl)?, slice(ws, wl)?);
     // SAFETY: every element is written by the kernel.
@@ -130,7 +84,7 @@ pub(crate) fn depthwise_bwd_input(
     let d = dev(gs);
     let (n, c, ho, wo) = gl.shape().dims4()?;
     let (_, _, kh, kw) = wl.shape().dims4()?;
-    let gm = geom((n, c, input.0, input.1), (ho, wo), (kh, kw), g);
+    let gm = Geom::new((n, c, input.0, input.1), (ho, wo), (kh, kw), g);
     let total = n * c * input.0 * input.1;
     let (gy, k) = (slice(gs, gl)?, slice(ws, wl)?);
     // SAFETY: every element is written by the kernel.
@@ -157,7 +111,7 @@ pub(crate) fn depthwise_bwd_weight(
     let d = dev(gs);
     let dims = xl.shape().dims4()?;
     let (_, _, ho, wo) = gl.shape().dims4()?;
-    let gm = geom(dims, (ho, wo), kernel, g);
+    let gm = Geom::new(dims, (ho, wo), kernel, g);
     let count = dims.1 * kernel.0 * kernel.1;
     let (gy, x) = (slice(gs, gl)?, slice(xs, xl)?);
     // SAFETY: every element is written by the kernel (one block each).
@@ -171,14 +125,6 @@ pub(crate) fn depthwise_bwd_weight(
         CudaStorage::wrap_cuda_slice(gk, d),
         Shape::from((dims.1, 1, kernel.0, kernel.1)),
     ))
-}
-
-fn mode_id(m: ResizeMode) -> i32 {
-    match m {
-        ResizeMode::AlignCorners => 0,
-        ResizeMode::HalfPixel => 1,
-        ResizeMode::Asymmetric => 2,
-    }
 }
 
 pub(crate) fn resize_fwd(
@@ -200,7 +146,7 @@ pub(crate) fn resize_fwd(
         w as i32,
         size.0 as i32,
         size.1 as i32,
-        mode_id(mode),
+        resize_mode(mode),
     );
     let mut b = f.builder();
     b.arg(&x)
@@ -237,7 +183,7 @@ pub(crate) fn resize_bwd(
         input.1 as i32,
         ho as i32,
         wo as i32,
-        mode_id(mode),
+        resize_mode(mode),
     );
     let mut b = f.builder();
     b.arg(&gy)
@@ -337,11 +283,7 @@ pub(crate) fn channel_affine(
     // SAFETY: every element is written by the kernel.
     let y = unsafe { d.alloc::<f32>(total)? };
     let f = d.get_or_load_custom_func("channel_affine", MODULE, PTX)?;
-    let a = match act {
-        Activation::None => 0i32,
-        Activation::Relu => 1,
-        Activation::Relu6 => 2,
-    };
+    let a = activation(act);
     let (t, ci, hw) = (total as i64, c as i32, (h * w) as i32);
     let mut lb = f.builder();
     lb.arg(&x)

@@ -37,6 +37,7 @@ mod cuda;
 mod depthwise;
 mod geometry;
 mod im2col;
+pub mod kernel_abi;
 mod layers;
 mod loss;
 mod macs;
