@@ -132,28 +132,59 @@ fn check_len(what: &str, s: usize, want: usize) {
     );
 }
 
-/// The sizes of `g` as `usize`: `(n, c, h, w, ho, wo, taps)`.
-fn sizes(g: &Geom) -> [usize; 7] {
+/// Checks the launch; the element counts of a depthwise convolution's input, kernel and output
+/// for `g`.
+fn depthwise_lens(launch: Launch, g: &Geom) -> (usize, usize, usize) {
+    check_launch(launch);
     let u = |v: i32| usize::try_from(v).expect("negative size in Geom");
-    [
-        u(g.n),
-        u(g.c),
-        u(g.h),
-        u(g.w),
-        u(g.ho),
-        u(g.wo),
-        u(g.kh) * u(g.kw),
-    ]
+    let planes = u(g.n) * u(g.c);
+    (
+        planes * u(g.h) * u(g.w),
+        u(g.c) * u(g.kh) * u(g.kw),
+        planes * u(g.ho) * u(g.wo),
+    )
+}
+
+/// Checks the launch and the slices of a resize (`input` values in, `output` values out) for
+/// `(planes, size, out)`; the kernel's `int` arguments `planes, h, w, ho, wo`.
+fn resize_args(
+    launch: Launch,
+    (input, output): (usize, usize),
+    (planes, size, out): (usize, (usize, usize), (usize, usize)),
+) -> [i32; 5] {
+    check_launch(launch);
+    check_len("input", input, planes * size.0 * size.1);
+    check_len("output", output, planes * out.0 * out.1);
+    [planes, size.0, size.1, out.0, out.1].map(|v| i32::try_from(v).expect("size over i32"))
+}
+
+/// Checks a one-block-per-channel BatchNorm launch over `(n, c, hw)` whose per-element inputs
+/// and output hold `inputs` and `output` values; the kernel's `n, c, hw`.
+fn bn_args(
+    launch: Launch,
+    inputs: &[usize],
+    output: usize,
+    (n, c, hw): (usize, usize, usize),
+) -> [i32; 3] {
+    check_launch(launch);
+    for &len in inputs {
+        check_len("input", len, n * c * hw);
+    }
+    check_len("output", output, n * c * hw + 2 * c);
+    assert_eq!(
+        launch.0 as usize, c,
+        "BatchNorm kernels: one block per channel"
+    );
+    [n, c, hw].map(|v| i32::try_from(v).expect("size over i32"))
 }
 
 /// `dw_fwd`: depthwise convolution `y = x ⊛ k` (`x` `[n, c, h, w]`, `k` `[c, kh, kw]`, `y`
 /// `[n, c, ho, wo]`).
 pub fn dw_fwd(launch: Launch, x: &[f32], k: &[f32], y: &mut [f32], g: Geom) {
-    let [n, c, h, w, ho, wo, taps] = sizes(&g);
-    check_launch(launch);
-    check_len("x", x.len(), n * c * h * w);
-    check_len("k", k.len(), c * taps);
-    check_len("y", y.len(), n * c * ho * wo);
+    let (xl, kl, yl) = depthwise_lens(launch, &g);
+    check_len("x", x.len(), xl);
+    check_len("k", k.len(), kl);
+    check_len("y", y.len(), yl);
     // SAFETY: the slices hold every element the kernel addresses for `g` (checked above).
     unsafe {
         ffi::emu_dw_fwd(
@@ -169,11 +200,10 @@ pub fn dw_fwd(launch: Launch, x: &[f32], k: &[f32], y: &mut [f32], g: Geom) {
 
 /// `dw_bwd_input`: the input gradient `gx` (`[n, c, h, w]`) of [`dw_fwd`] from `gy`.
 pub fn dw_bwd_input(launch: Launch, gy: &[f32], k: &[f32], gx: &mut [f32], g: Geom) {
-    let [n, c, h, w, ho, wo, taps] = sizes(&g);
-    check_launch(launch);
-    check_len("gy", gy.len(), n * c * ho * wo);
-    check_len("k", k.len(), c * taps);
-    check_len("gx", gx.len(), n * c * h * w);
+    let (xl, kl, yl) = depthwise_lens(launch, &g);
+    check_len("gy", gy.len(), yl);
+    check_len("k", k.len(), kl);
+    check_len("gx", gx.len(), xl);
     // SAFETY: as in `dw_fwd`.
     unsafe {
         ffi::emu_dw_bwd_input(
@@ -190,14 +220,12 @@ pub fn dw_bwd_input(launch: Launch, gy: &[f32], k: &[f32], gx: &mut [f32], g: Ge
 /// `dw_bwd_weight`: the weight gradient `gk` (`[c, kh, kw]`) of [`dw_fwd`], one block per
 /// (channel, tap): `launch.0` must be `c * kh * kw`.
 pub fn dw_bwd_weight(launch: Launch, gy: &[f32], x: &[f32], gk: &mut [f32], g: Geom) {
-    let [n, c, h, w, ho, wo, taps] = sizes(&g);
-    check_launch(launch);
-    check_len("gy", gy.len(), n * c * ho * wo);
-    check_len("x", x.len(), n * c * h * w);
-    check_len("gk", gk.len(), c * taps);
+    let (xl, kl, yl) = depthwise_lens(launch, &g);
+    check_len("gy", gy.len(), yl);
+    check_len("x", x.len(), xl);
+    check_len("gk", gk.len(), kl);
     assert_eq!(
-        launch.0 as usize,
-        c * taps,
+        launch.0 as usize, kl,
         "dw_bwd_weight: one block per channel and tap"
     );
     // SAFETY: as in `dw_fwd`; block `b` writes `gk[b]`, `b < c * taps`.
@@ -219,28 +247,13 @@ pub fn resize_fwd(
     launch: Launch,
     x: &[f32],
     y: &mut [f32],
-    (planes, size, out): (usize, (usize, usize), (usize, usize)),
+    dims: (usize, (usize, usize), (usize, usize)),
     mode: i32,
 ) {
-    check_launch(launch);
-    check_len("x", x.len(), planes * size.0 * size.1);
-    check_len("y", y.len(), planes * out.0 * out.1);
-    let i = |v: usize| i32::try_from(v).expect("size over i32");
+    let [planes, h, w, ho, wo] = resize_args(launch, (x.len(), y.len()), dims);
+    let (x, y) = (x.as_ptr(), y.as_mut_ptr());
     // SAFETY: the slices hold every element addressed for these sizes (checked above).
-    unsafe {
-        ffi::emu_resize_fwd(
-            launch.0,
-            launch.1,
-            x.as_ptr(),
-            y.as_mut_ptr(),
-            i(planes),
-            i(size.0),
-            i(size.1),
-            i(out.0),
-            i(out.1),
-            mode,
-        )
-    }
+    unsafe { ffi::emu_resize_fwd(launch.0, launch.1, x, y, planes, h, w, ho, wo, mode) }
 }
 
 /// `resize_bwd`: the gradient `gx` (`planes x size`, added to: start from zeros) of
@@ -249,28 +262,13 @@ pub fn resize_bwd(
     launch: Launch,
     gy: &[f32],
     gx: &mut [f32],
-    (planes, size, out): (usize, (usize, usize), (usize, usize)),
+    dims: (usize, (usize, usize), (usize, usize)),
     mode: i32,
 ) {
-    check_launch(launch);
-    check_len("gy", gy.len(), planes * out.0 * out.1);
-    check_len("gx", gx.len(), planes * size.0 * size.1);
-    let i = |v: usize| i32::try_from(v).expect("size over i32");
+    let [planes, h, w, ho, wo] = resize_args(launch, (gx.len(), gy.len()), dims);
+    let (gy, gx) = (gy.as_ptr(), gx.as_mut_ptr());
     // SAFETY: as in `resize_fwd`.
-    unsafe {
-        ffi::emu_resize_bwd(
-            launch.0,
-            launch.1,
-            gy.as_ptr(),
-            gx.as_mut_ptr(),
-            i(planes),
-            i(size.0),
-            i(size.1),
-            i(out.0),
-            i(out.1),
-            mode,
-        )
-    }
+    unsafe { ffi::emu_resize_bwd(launch.0, launch.1, gy, gx, planes, h, w, ho, wo, mode) }
 }
 
 /// `bn_train_fwd`: training BatchNorm of `x` (`[n, c, hw]`), one block per channel: `out` is
@@ -280,31 +278,15 @@ pub fn bn_train_fwd(
     x: &[f32],
     (gamma, beta): (&[f32], &[f32]),
     out: &mut [f32],
-    (n, c, hw): (usize, usize, usize),
+    dims: (usize, usize, usize),
     eps: f32,
 ) {
-    check_launch(launch);
-    check_len("x", x.len(), n * c * hw);
-    check_len("gamma", gamma.len(), c);
-    check_len("beta", beta.len(), c);
-    check_len("out", out.len(), n * c * hw + 2 * c);
-    assert_eq!(launch.0 as usize, c, "bn_train_fwd: one block per channel");
-    let i = |v: usize| i32::try_from(v).expect("size over i32");
+    let [n, c, hw] = bn_args(launch, &[x.len()], out.len(), dims);
+    check_len("gamma", gamma.len(), dims.1);
+    check_len("beta", beta.len(), dims.1);
+    let (x, g, b, out) = (x.as_ptr(), gamma.as_ptr(), beta.as_ptr(), out.as_mut_ptr());
     // SAFETY: the slices hold every element addressed for these sizes (checked above).
-    unsafe {
-        ffi::emu_bn_train_fwd(
-            launch.0,
-            launch.1,
-            x.as_ptr(),
-            gamma.as_ptr(),
-            beta.as_ptr(),
-            out.as_mut_ptr(),
-            i(n),
-            i(c),
-            i(hw),
-            eps,
-        )
-    }
+    unsafe { ffi::emu_bn_train_fwd(launch.0, launch.1, x, g, b, out, n, c, hw, eps) }
 }
 
 /// `bn_train_bwd`: the gradients of [`bn_train_fwd`] from `dy`, given `p` = gamma, batch mean,
@@ -314,31 +296,14 @@ pub fn bn_train_bwd(
     (x, dy): (&[f32], &[f32]),
     p: &[f32],
     out: &mut [f32],
-    (n, c, hw): (usize, usize, usize),
+    dims: (usize, usize, usize),
     eps: f32,
 ) {
-    check_launch(launch);
-    check_len("x", x.len(), n * c * hw);
-    check_len("dy", dy.len(), n * c * hw);
-    check_len("p", p.len(), 3 * c);
-    check_len("out", out.len(), n * c * hw + 2 * c);
-    assert_eq!(launch.0 as usize, c, "bn_train_bwd: one block per channel");
-    let i = |v: usize| i32::try_from(v).expect("size over i32");
+    let [n, c, hw] = bn_args(launch, &[x.len(), dy.len()], out.len(), dims);
+    check_len("p", p.len(), 3 * dims.1);
+    let (x, dy, p, out) = (x.as_ptr(), dy.as_ptr(), p.as_ptr(), out.as_mut_ptr());
     // SAFETY: as in `bn_train_fwd`.
-    unsafe {
-        ffi::emu_bn_train_bwd(
-            launch.0,
-            launch.1,
-            x.as_ptr(),
-            dy.as_ptr(),
-            p.as_ptr(),
-            out.as_mut_ptr(),
-            i(n),
-            i(c),
-            i(hw),
-            eps,
-        )
-    }
+    unsafe { ffi::emu_bn_train_bwd(launch.0, launch.1, x, dy, p, out, n, c, hw, eps) }
 }
 
 /// `channel_affine`: `y = act(x * s[ch] + b[ch])` over `x` with `channels_hw = (c, hw)`
