@@ -106,7 +106,7 @@ fn depthwise_forward_and_gradients_match_the_cpu_kernels() -> Result<()> {
 
 #[test]
 fn grid_stride_loops_cover_more_elements_than_threads() -> Result<()> {
-    // 2 blocks of 64 threads for 1050 outputs: every thread takes several.
+    // 2 blocks of 64 threads for 1014 outputs: every thread takes several.
     let dev = Device::Cpu;
     let (n, c, h, w) = (1, 6, 13, 13);
     let g = Conv2dGeometry::same(3, 2);
