@@ -19,5 +19,4 @@ fn main() {
         .flag("-pthread")
         .warnings(true)
         .compile("deeplab_cuda_emu");
-    println!("cargo:rustc-link-lib=pthread");
 }

@@ -5,7 +5,6 @@
 #pragma once
 #include <barrier>
 #include <cassert>
-#include <cmath>
 #include <math.h>
 #include <cstdint>
 #include <memory>
@@ -92,5 +91,5 @@ inline float atomicAdd(float* p, float v) {
 }
 
 // CUDA's rsqrtf is within 2 ulp; this is the correctly rounded quotient.
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
