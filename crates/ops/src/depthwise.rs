@@ -2039,6 +2039,23 @@ mod avx512 {
             // each channel's panels.
             let lo = (j0 as isize + self.off[0]).max(0) as usize;
             let hi = ((end as isize + self.off[8]).max(0) as usize).min(hw);
+            // Panels whose 48 pixels are all in the block and whose taps all lie in rows inside
+            // the plane, with the middle column's taps on the pixel itself: their taps need
+            // only two masks per vector (the left and right columns'), kept in registers, the
+            // middle column loads whole and the panel stores whole.
+            let interior: Vec<Option<[[__mmask16; 2]; V]>> = (0..np)
+                .map(|q| {
+                    let m = &masks[q * V..(q + 1) * V];
+                    let inside = j0 + (q + 1) * PANEL <= end
+                        && m.iter().all(|m| {
+                            (0..9).all(|t| match t % 3 {
+                                1 => m[t] == u16::MAX,
+                                kx => m[t] == m[3 + kx],
+                            })
+                        });
+                    inside.then(|| std::array::from_fn(|v| [m[v][3], m[v][5]]))
+                })
+                .collect();
             let mut pf = SpreadPrefetch::new((lo, hi), np);
             for p in 0..kc {
                 let ch = c0 + p;
@@ -2051,6 +2068,35 @@ mod avx512 {
                     let dst = buf.as_mut_ptr().wrapping_add((q * kc + p) * PANEL);
                     let f0 = j0 + q * PANEL;
                     pf.step();
+                    if let Some(lr) = &interior[q] {
+                        // The same chains as below, in the same order.
+                        let mut acc = [_mm512_set1_ps(e.init); V];
+                        for (t, &k) in kv.iter().enumerate() {
+                            for (v, acc) in acc.iter_mut().enumerate() {
+                                let src =
+                                    plane.wrapping_offset((f0 + 16 * v) as isize + self.off[t]);
+                                // SAFETY: the panel's taps in the middle column are its own
+                                // pixels' rows above and below, inside the plane; the masks
+                                // keep the other columns' lanes inside it.
+                                let mut val = unsafe {
+                                    match t % 3 {
+                                        1 => _mm512_loadu_ps(src),
+                                        kx => _mm512_maskz_loadu_ps(lr[v][kx / 2], src),
+                                    }
+                                };
+                                if IR {
+                                    val = _mm512_max_ps(val, zero);
+                                }
+                                *acc = _mm512_fmadd_ps(val, k, *acc);
+                            }
+                        }
+                        for (v, &acc) in acc.iter().enumerate() {
+                            let y = activate::<A>(_mm512_fmadd_ps(acc, sv, tv));
+                            // SAFETY: panel `q`, row `p` of `buf` (length checked by `pack`).
+                            unsafe { _mm512_storeu_ps(dst.add(16 * v), y) };
+                        }
+                        continue;
+                    }
                     // The panel's three vectors together: three independent FMA chains.
                     let mut acc = [_mm512_set1_ps(e.init); V];
                     for t in 0..9 {
