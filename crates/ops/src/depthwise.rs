@@ -2022,7 +2022,6 @@ mod avx512 {
             let hw = self.h * self.w;
             let np = cols.div_ceil(PANEL);
             let end = j0 + cols;
-            let zero = _mm512_setzero_ps();
             // The tap masks of the block's vectors, shared by its channels (vectors past its
             // pixels load nothing and are stored as zeros).
             let masks: Vec<[__mmask16; 9]> = (0..np * V)
@@ -2068,59 +2067,70 @@ mod avx512 {
                     let dst = buf.as_mut_ptr().wrapping_add((q * kc + p) * PANEL);
                     let f0 = j0 + q * PANEL;
                     pf.step();
+                    let epi = (e.init, sv, tv);
                     if let Some(lr) = &interior[q] {
-                        // The same chains as below, in the same order.
-                        let mut acc = [_mm512_set1_ps(e.init); V];
-                        for (t, &k) in kv.iter().enumerate() {
-                            for (v, acc) in acc.iter_mut().enumerate() {
-                                let src =
-                                    plane.wrapping_offset((f0 + 16 * v) as isize + self.off[t]);
-                                // SAFETY: the panel's taps in the middle column are its own
-                                // pixels' rows above and below, inside the plane; the masks
-                                // keep the other columns' lanes inside it.
-                                let mut val = unsafe {
-                                    match t % 3 {
-                                        1 => _mm512_loadu_ps(src),
-                                        kx => _mm512_maskz_loadu_ps(lr[v][kx / 2], src),
-                                    }
-                                };
-                                if IR {
-                                    val = _mm512_max_ps(val, zero);
-                                }
-                                *acc = _mm512_fmadd_ps(val, k, *acc);
-                            }
-                        }
-                        for (v, &acc) in acc.iter().enumerate() {
-                            let y = activate::<A>(_mm512_fmadd_ps(acc, sv, tv));
+                        // SAFETY: the panel's taps in the middle column are its own pixels'
+                        // rows above and below, inside the plane; the masks keep the other
+                        // columns' lanes inside it.
+                        let ys = unsafe {
+                            self.chains::<A, IR>(plane, f0, &kv, epi, |t, v, src| match t % 3 {
+                                1 => _mm512_loadu_ps(src),
+                                kx => _mm512_maskz_loadu_ps(lr[v][kx / 2], src),
+                            })
+                        };
+                        for (v, &y) in ys.iter().enumerate() {
                             // SAFETY: panel `q`, row `p` of `buf` (length checked by `pack`).
                             unsafe { _mm512_storeu_ps(dst.add(16 * v), y) };
                         }
                         continue;
                     }
-                    // The panel's three vectors together: three independent FMA chains.
-                    let mut acc = [_mm512_set1_ps(e.init); V];
-                    for t in 0..9 {
-                        for (v, acc) in acc.iter_mut().enumerate() {
-                            let f = f0 + 16 * v;
-                            let m = masks[q * V + v][t];
-                            let src = plane.wrapping_offset(f as isize + self.off[t]);
-                            // SAFETY: the mask's lanes are taps inside the plane.
-                            let mut val = unsafe { _mm512_maskz_loadu_ps(m, src) };
-                            if IR {
-                                val = _mm512_max_ps(val, zero);
-                            }
-                            *acc = _mm512_fmadd_ps(val, kv[t], *acc);
-                        }
-                    }
-                    for (v, &acc) in acc.iter().enumerate() {
+                    // SAFETY: the mask's lanes are taps inside the plane.
+                    let ys = unsafe {
+                        self.chains::<A, IR>(plane, f0, &kv, epi, |t, v, src| {
+                            _mm512_maskz_loadu_ps(masks[q * V + v][t], src)
+                        })
+                    };
+                    for (v, &y) in ys.iter().enumerate() {
                         let f = f0 + 16 * v;
-                        let y = activate::<A>(_mm512_fmadd_ps(acc, sv, tv));
                         let y = _mm512_maskz_mov_ps(lanes(end.saturating_sub(f).min(16)), y);
                         // SAFETY: panel `q`, row `p` of `buf` (length checked by `pack`).
                         unsafe { _mm512_storeu_ps(dst.add(16 * v), y) };
                     }
                 }
             }
+        }
+    }
+
+    impl Flat {
+        /// The depthwise outputs of the 48 pixels from `f0` of one channel (`plane`, weights
+        /// `kv`, epilogue `(init, scale, shift)`): the three vectors' FMA chains over the taps
+        /// in [`Direct`]'s order from `init` (the input ReLU'd with `IR`), through the
+        /// epilogue and activation `A`. `load(t, v, src)` reads tap `t` of vector `v` at `src`.
+        ///
+        /// # Safety
+        /// `load` must be sound for every tap's address (`plane + f0 + 16 v + off[t]`); AVX-512F.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn chains<const A: u8, const IR: bool>(
+            &self,
+            plane: *const f32,
+            f0: usize,
+            kv: &[__m512; 9],
+            (init, sv, tv): (f32, __m512, __m512),
+            load: impl Fn(usize, usize, *const f32) -> __m512,
+        ) -> [__m512; 3] {
+            let mut acc = [_mm512_set1_ps(init); 3];
+            for (t, &k) in kv.iter().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    let src = plane.wrapping_offset((f0 + 16 * v) as isize + self.off[t]);
+                    let mut val = load(t, v, src);
+                    if IR {
+                        val = _mm512_max_ps(val, _mm512_setzero_ps());
+                    }
+                    *acc = _mm512_fmadd_ps(val, k, *acc);
+                }
+            }
+            acc.map(|a| activate::<A>(_mm512_fmadd_ps(a, sv, tv)))
         }
     }
 
