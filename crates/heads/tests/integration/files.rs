@@ -196,42 +196,35 @@ fn broken_files_give_clear_errors() {
     assert!(msg.contains("x.safetensors"), "{msg}");
 }
 
+/// The little-endian bytes of a tensor of 16-bit values, `bits` giving each value's bits.
+fn le_bytes<T: candle_core::WithDType>(t: &Tensor, bits: fn(T) -> u16) -> Vec<u8> {
+    let vals: Vec<T> = t.flatten_all().and_then(|t| t.to_vec1()).expect("vals");
+    vals.into_iter()
+        .flat_map(|v| bits(v).to_le_bytes())
+        .collect()
+}
+
 /// Writes `tensors` to `path` in `dtype` (F16 or BF16) with `cfg` in the metadata.
 fn write_half(path: &Path, cfg: &DeepLabConfig, tensors: &HashMap<String, Tensor>, dtype: DType) {
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    let (st_dtype, bits): (_, fn(&Tensor) -> Vec<u8>) = match dtype {
+        DType::BF16 => (safetensors::Dtype::BF16, |t| {
+            le_bytes(t, half::bf16::to_bits)
+        }),
+        DType::F16 => (safetensors::Dtype::F16, |t| le_bytes(t, half::f16::to_bits)),
+        other => panic!("not a half dtype: {other:?}"),
+    };
+    let data: Vec<(&str, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(n, v)| {
-            let flat = v
-                .flatten_all()
-                .and_then(|t| t.to_dtype(dtype))
-                .expect("cast");
-            let bytes: Vec<u8> = match dtype {
-                DType::BF16 => flat
-                    .to_vec1::<half::bf16>()
-                    .expect("vals")
-                    .iter()
-                    .flat_map(|b| b.to_le_bytes())
-                    .collect(),
-                DType::F16 => flat
-                    .to_vec1::<half::f16>()
-                    .expect("vals")
-                    .iter()
-                    .flat_map(|b| b.to_le_bytes())
-                    .collect(),
-                other => panic!("not a half dtype: {other:?}"),
-            };
-            (n.clone(), bytes, v.dims().to_vec())
+            let bytes = bits(&v.to_dtype(dtype).expect("cast"));
+            (n.as_str(), bytes, v.dims().to_vec())
         })
         .collect();
-    let st_dtype = match dtype {
-        DType::BF16 => safetensors::Dtype::BF16,
-        _ => safetensors::Dtype::F16,
-    };
     let views: Vec<(&str, safetensors::tensor::TensorView)> = data
         .iter()
         .map(|(n, b, s)| {
             let view = safetensors::tensor::TensorView::new(st_dtype, s.clone(), b).expect("view");
-            (n.as_str(), view)
+            (*n, view)
         })
         .collect();
     let json = serde_json::to_string(cfg).expect("json");
