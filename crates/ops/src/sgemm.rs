@@ -842,8 +842,9 @@ unsafe fn blocked(
                             // does not stall its first FMAs (in-process A/B, 2 threads, 40
                             // alternating calls, two runs: 728 x 728 x 1089 +0.3% / +1.8%,
                             // 2048 x 1536 x 1089 +1.2 / +1.7, 728 x 1089 x 728 +1.7 / +1.2;
-                            // 256 x 2304 x 1089 0.0 / -0.1). Prefetching this tile's own lines
-                            // instead came too late to matter.
+                            // 256 x 2304 x 1089 0.0 / -0.1). A write prefetch of the tile's own
+                            // lines just before their reload (sixth session) came too late to
+                            // matter.
                             let (ni, nj, nr) = if q + 1 < np {
                                 (i, jj + NR, r)
                             } else {
