@@ -74,7 +74,7 @@ fn depthwise_forward_and_gradients_match_the_cpu_kernels() -> Result<()> {
         let gm = Geom::new((n, c, h, w), (ho, wo), k, &g);
         let what = |op: &str| format!("{op}, case {case}: {k:?} {g:?}");
 
-        let mut got = vec![0f32; n * c * ho * wo];
+        let mut got = vec![f32::NAN; n * c * ho * wo];
         emu::dw_fwd(
             (grid_blocks(got.len()), BLOCK),
             &vec(&x)?,

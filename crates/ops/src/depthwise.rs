@@ -2099,9 +2099,7 @@ mod avx512 {
                 }
             }
         }
-    }
 
-    impl Flat {
         /// The depthwise outputs of the 48 pixels from `f0` of one channel (`plane`, weights
         /// `kv`, epilogue `(init, scale, shift)`): the three vectors' FMA chains over the taps
         /// in [`Direct`]'s order from `init` (the input ReLU'd with `IR`), through the
